@@ -1,0 +1,144 @@
+"""The Python API: load a trained model and use it. The CLI is a thin shell over this class.
+
+    from wordlm import load
+    lm = load("runs/demo")
+    lm.predict("why do we need a", k=5)
+    lm.score(["why do we need a recurrent neural network", "neural why recurrent need we network do"])
+    print("".join(lm.generate("the network", max_tokens=20, seed=0)))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import Config
+from .data import Streams, encode_file
+from .errors import UsageError
+from .evaluate import report, total_nll
+from .generate import check_sampling, continue_ids, read_context
+from .model import build_model, num_parameters
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("wordlm")
+
+
+class LanguageModel:
+    def __init__(self, model, tokenizer: Tokenizer, config: Config, path: Path, meta: dict):
+        self.model, self.tokenizer, self.config, self.path, self.meta = model, tokenizer, config, path, meta
+        self.model.eval()
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", prefer: str = "best") -> LanguageModel:
+        ckpt = load_checkpoint(path, prefer=prefer)
+        model = build_model(ckpt.config.model, ckpt.tokenizer.vocab_size)
+        model.load_state_dict(ckpt.model_state)
+        return cls(model.to(device), ckpt.tokenizer, ckpt.config, ckpt.path, ckpt.meta)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_parameters(self) -> int:
+        return num_parameters(self.model)
+
+    # --- text -> ids ---------------------------------------------------------------------------------------
+    def context_ids(self, prompt: str, allow_empty: bool = False) -> list[int]:
+        """<eos> (the start of a line) followed by the prompt's tokens; warns about unknown words."""
+        if not prompt.strip() and not allow_empty:
+            raise UsageError("the prompt is empty; give some text to condition on, e.g. --prompt \"the\"")
+        ids = self.tokenizer.encode_line(prompt)
+        unknown = self.tokenizer.unknown_words(prompt)
+        if unknown:
+            if len(unknown) == len(prompt.split()) and self.tokenizer.kind == "word":
+                raise UsageError(f"every word of the prompt is unknown to the model ({' '.join(unknown[:5])}); "
+                                 f"use words that occur in its training text")
+            log.warning("warning: not in the vocabulary, read as <unk>: %s", " ".join(unknown[:10]))
+        return [self.tokenizer.eos_id, *ids]
+
+    # --- uses ----------------------------------------------------------------------------------------------
+    def evaluate(self, path: str | Path, batch_size: int = 10, seq_len: int = 70) -> dict:
+        """Loss, perplexity, bits per token on a text file, the state carried through the whole text."""
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+        split = encode_file(path, self.tokenizer, self.config.data.cache_dir or None, what=str(path))
+        streams = Streams(split.ids, batch_size, self.device)
+        nll, n = total_nll(self.model, streams, seq_len, self.config.train.precision)
+        out = report(nll, n, split, subword=self.tokenizer.kind != "word")
+        out["total_nll"] = nll
+        return out
+
+    def generate(self, prompt: str, max_tokens: int = 50, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+        """Stream the continuation of `prompt` as text pieces (words with their spacing, or characters)."""
+        if max_tokens < 0:
+            raise UsageError(f"--max-tokens must be >= 0, got {max_tokens}")
+        return (pieces[0] for pieces in self.generate_many(prompt, max_tokens, temperature, top_k, top_p, seed))
+
+    def generate_many(self, prompt: str, max_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: int | None = None, num_samples: int = 1) -> Iterator[list[str]]:
+        """Like generate, for `num_samples` independent samples drawn side by side (one batch).
+
+        Arguments and the prompt are checked here, before the first piece is asked for."""
+        check_sampling(temperature, top_k, top_p)
+        ctx = self.context_ids(prompt)
+        steps = continue_ids(self.model, ctx, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed, num_samples=num_samples)
+        return self._pieces(steps, num_samples, at_line_start=not prompt.strip())
+
+    def _pieces(self, steps: Iterator, n: int, at_line_start: bool) -> Iterator[list[str]]:
+        tok, fresh = self.tokenizer, [at_line_start] * n
+        for step in steps:
+            out = []
+            for j, i in enumerate(step.tolist()):
+                if i == tok.eos_id:
+                    out.append("\n")
+                    fresh[j] = True
+                    continue
+                text = tok.token_text(i)
+                if tok.kind == "word" and not fresh[j]:
+                    text = " " + text
+                elif tok.kind == "sentencepiece" and fresh[j]:
+                    text = text.lstrip(" ")
+                fresh[j] = False
+                out.append(text)
+            yield out
+
+    def predict(self, prompt: str, k: int = 10) -> list[dict]:
+        """The k most likely next tokens after `prompt` (never <unk>), most likely first."""
+        if k < 1:
+            raise UsageError(f"-k must be >= 1, got {k}")
+        logp, _ = read_context(self.model, self.context_ids(prompt, allow_empty=True))
+        logp = logp.clone()
+        logp[self.tokenizer.unk_id] = -math.inf
+        top = torch.topk(logp, min(k, logp.numel() - 1))
+        out = []
+        for lp, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            word = "<eos>" if i == self.tokenizer.eos_id else self.tokenizer.token_text(i)
+            out.append({"word": word, "prob": math.exp(lp), "logprob": lp, "id": i})
+        return out
+
+    @torch.no_grad()
+    def score(self, sentences: list[str]) -> list[dict]:
+        """Log-probability of each sentence as one line: its tokens then <eos>, read from a fresh state."""
+        results = []
+        for s in sentences:
+            if not s.strip():
+                raise UsageError("cannot score an empty sentence")
+            ids = [self.tokenizer.eos_id, *self.tokenizer.encode_line(s), self.tokenizer.eos_id]
+            x = torch.tensor(ids[:-1], device=self.device).unsqueeze(1)
+            y = torch.tensor(ids[1:], device=self.device).unsqueeze(1)
+            nll, _ = self.model.nll(x, y, self.model.init_state(1))
+            lps = (-nll[:, 0].double()).tolist()
+            toks = [{"token": "<eos>" if i == self.tokenizer.eos_id else self.tokenizer.token_text(i),
+                     "logprob": lp} for i, lp in zip(ids[1:], lps, strict=True)]
+            total = sum(lps)
+            results.append({"sentence": s, "logprob": total, "ppl": math.exp(-total / len(lps)),
+                            "tokens": toks})
+        return results

@@ -1,0 +1,290 @@
+"""The `wordlm` command line: each command parses its arguments, calls one plain function, and prints.
+
+torch is imported inside the commands, so `wordlm --help` answers at once. Errors of wordlm's own types become
+one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .errors import WordLMError
+
+app = typer.Typer(
+    name="wordlm",
+    help="Train and use next-word LSTM language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+RunArg = Annotated[Path, typer.Argument(help="a run directory (uses best/) or a checkpoint directory")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wordlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="print the version and exit")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only warnings and errors on stderr")] = False,
+) -> None:
+    """Train and use next-word LSTM language models."""
+    logger = logging.getLogger("wordlm")
+    logger.handlers = [_EchoHandler()]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+class _EchoHandler(logging.Handler):
+    """wordlm's log lines go, unadorned, to whatever sys.stderr is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(record.getMessage(), err=True)
+
+
+def _cli(fn):
+    """Turn wordlm's own errors into `error: ...` on stderr and the error's exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except WordLMError as e:
+            problems = getattr(e, "problems", None)
+            if problems and len(problems) > 1:
+                typer.echo(f"error: {len(problems)} problems in the configuration:", err=True)
+                for p in problems:
+                    typer.echo(f"  - {p}", err=True)
+            else:
+                typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@_cli
+def train(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config (see configs/)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: --set train.lr=0.5")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default: runs/CONFIG_NAME)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last/ checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
+    progress: Annotated[bool | None, typer.Option(help="progress bar (default: when stderr is a terminal)")]
+    = None,
+) -> None:
+    """Train a model: writes OUT/best/, OUT/last/, OUT/config.toml and OUT/metrics.jsonl."""
+    from .config import load_config
+    from .errors import ConfigError
+
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; choose one")
+    if config is None:
+        if not (resume and out is not None):
+            raise ConfigError("give --config PATH (e.g. configs/demo.toml), or --out RUN --resume to continue a run")
+        config = out / "config.toml"
+    cfg = load_config(config, set_ or [])
+    out = out or Path("runs") / config.stem
+
+    from .train import train as run_training
+
+    result = run_training(cfg, out, resume=resume, overwrite=overwrite,
+                          progress=sys.stderr.isatty() if progress is None else progress)
+    typer.echo(f"{result.stop_reason}: {result.steps} steps, {result.epochs_done:g} epochs, "
+               f"{result.tokens:,} tokens in {result.elapsed_s:.1f}s")
+    typer.echo(f"best validation: loss {result.best_valid_loss:.4f}, ppl {result.best_valid_ppl:.2f}")
+    typer.echo(f"checkpoints: {out / 'best'}  {out / 'last'}")
+
+
+class Split(StrEnum):
+    valid = "valid"
+    test = "test"
+
+
+@app.command("eval")
+@_cli
+def eval_(
+    run: RunArg,
+    split: Annotated[Split, typer.Option(help="which split of the run's config to read")] = Split.valid,
+    data: Annotated[Path | None, typer.Option(help="evaluate this text file instead of a split")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="parallel streams; 1 gives every token full context")]
+    = 10,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+) -> None:
+    """Loss (nats/token), perplexity and bits per token, the LSTM state carried through the whole text."""
+    from .api import LanguageModel
+    from .errors import DataError
+
+    lm = LanguageModel.load(run)
+    path = data if data is not None else getattr(lm.config.data, split.value)
+    if not path:
+        raise DataError(f"the run's config has no data.{split.value} path; pass --data FILE")
+    r = lm.evaluate(path, batch_size=batch_size, seq_len=lm.config.train.seq_len)
+    r = {"checkpoint": str(lm.path), "data": str(path), **r}
+    if json_:
+        typer.echo(json.dumps(r))
+        return
+    typer.echo(f"checkpoint  {lm.path}\ndata        {path}")
+    typer.echo(f"loss        {r['loss']:.4f} nats/token\nppl         {r['ppl']:.2f}\n"
+               f"bits        {r['bits_per_token']:.4f} per token\ntokens      {r['tokens']:,}")
+    if "word_ppl" in r:
+        typer.echo(f"words       {r['words']:,}\nword ppl    {r['word_ppl']:.2f}")
+
+
+@app.command()
+@_cli
+def generate(
+    run: RunArg,
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "",
+    max_tokens: Annotated[int, typer.Option(min=0, help="tokens to generate")] = 50,
+    temperature: Annotated[float, typer.Option(help="> 0; below 1 is more conservative")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="sample from the k most likely tokens (0 = all)")] = 0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass in (0, 1]")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="the same seed gives the same text")] = None,
+    num_samples: Annotated[int, typer.Option(min=1, help="independent samples, drawn as one batch")] = 1,
+    interactive: Annotated[bool, typer.Option(help="read prompts from stdin until EOF, the model loaded once")]
+    = False,
+) -> None:
+    """Continue a prompt, streaming the text as it is sampled."""
+    from .api import LanguageModel
+    from .generate import check_sampling
+
+    check_sampling(temperature, top_k, top_p)
+    lm = LanguageModel.load(run)
+
+    def one(text: str) -> None:
+        if num_samples == 1:
+            pieces = lm.generate(text, max_tokens, temperature, top_k, top_p, seed)  # checks the prompt
+            typer.echo(text, nl=False)
+            for piece in pieces:
+                typer.echo(piece, nl=False)
+                sys.stdout.flush()
+            typer.echo("")
+            return
+        outs = [text] * num_samples
+        for pieces in lm.generate_many(text, max_tokens, temperature, top_k, top_p, seed, num_samples):
+            outs = [o + p for o, p in zip(outs, pieces, strict=True)]
+        for i, o in enumerate(outs, 1):
+            typer.echo(f"--- sample {i}\n{o}")
+
+    if not interactive:
+        one(prompt)
+        return
+    from .errors import UsageError
+
+    while True:
+        if sys.stdin.isatty():
+            typer.echo("prompt> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        try:
+            one(line.rstrip("\n"))
+        except UsageError as e:
+            typer.echo(f"error: {e}", err=True)
+
+
+@app.command()
+@_cli
+def predict(
+    run: RunArg,
+    prompt: Annotated[str, typer.Option(help="the context; the next word is predicted")] = "",
+    k: Annotated[int, typer.Option("-k", "--top", min=1, help="how many candidates")] = 10,
+    json_: Annotated[bool, typer.Option("--json", help="print a JSON list as the last line")] = False,
+) -> None:
+    """The k most likely next words after a prompt, with their probabilities (<unk> left out)."""
+    from .api import LanguageModel
+
+    lm = LanguageModel.load(run)
+    preds = lm.predict(prompt, k)
+    if json_:
+        typer.echo(json.dumps(preds))
+        return
+    if lm.tokenizer.kind != "word":
+        typer.echo(f"(candidates are single {lm.tokenizer.kind} tokens)")
+    for rank, p in enumerate(preds, 1):
+        typer.echo(f"{rank:>3}  {p['prob']:.4f}  {p['word']!s}")
+
+
+@app.command()
+@_cli
+def score(
+    run: RunArg,
+    sentences: Annotated[list[str] | None, typer.Argument(help="sentences to score")] = None,
+    file: Annotated[Path | None, typer.Option(help="also score each line of this file")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print a JSON list as the last line")] = False,
+) -> None:
+    """Log-probability and perplexity of sentences, ranked from most to least likely."""
+    from .api import LanguageModel
+    from .data import iter_lines
+    from .errors import UsageError
+
+    items = list(sentences or [])
+    if file is not None:
+        items += [ln for ln in iter_lines(file, str(file)) if ln.strip()]
+    if not items:
+        raise UsageError("nothing to score; give sentences as arguments or --file FILE")
+    lm = LanguageModel.load(run)
+    ranked = sorted(lm.score(items), key=lambda r: -r["logprob"])
+    if json_:
+        typer.echo(json.dumps(ranked))
+        return
+    for rank, r in enumerate(ranked, 1):
+        typer.echo(f"{rank:>3}  logprob {r['logprob']:9.3f}  ppl {r['ppl']:10.2f}  {r['sentence']}")
+        typer.echo("     " + " ".join(f"{t['token']}:{-t['logprob']:.2f}" for t in r["tokens"]))
+
+
+@app.command()
+@_cli
+def info(run: RunArg, json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Config, parameter count, vocabulary and training summary of a run or checkpoint."""
+    from .api import LanguageModel
+
+    lm = LanguageModel.load(run)
+    run_dir = lm.path.parent if lm.path.name in ("best", "last", ".best.old", ".last.old") else lm.path
+    history = _history(run_dir / "metrics.jsonl")
+    data = {"checkpoint": str(lm.path), "parameters": lm.num_parameters, "vocab_size": lm.tokenizer.vocab_size,
+            "tokenizer": lm.tokenizer.kind, "step": lm.meta.get("step"), "valid_loss": lm.meta.get("valid_loss"),
+            "config": lm.config.to_dict(), **history}
+    if json_:
+        typer.echo(json.dumps(data))
+        return
+    typer.echo(f"checkpoint   {lm.path}\nparameters   {lm.num_parameters:,}\n"
+               f"vocabulary   {lm.tokenizer.vocab_size:,} ({lm.tokenizer.kind})\nstep         {data['step']}")
+    if history:
+        typer.echo(f"history      {history['steps']} steps, {history['tokens']:,} tokens, "
+                   f"{history['elapsed_s']:.0f}s, {history['validations']} validations, "
+                   f"best valid ppl {history['best_valid_ppl']:.2f} at step {history['best_step']}")
+    typer.echo("config:")
+    typer.echo("\n".join("  " + ln if ln and not ln.startswith("[") else ln for ln in lm.config.to_toml().splitlines()))
+
+
+def _history(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    valid = [r for r in recs if r.get("event") == "valid"]
+    if not recs or not valid:
+        return {}
+    best = min(valid, key=lambda r: r["valid_loss"])
+    return {"steps": recs[-1]["step"], "tokens": recs[-1].get("tokens", 0),
+            "elapsed_s": max(r.get("elapsed_s", 0) for r in recs), "validations": len(valid),
+            "best_valid_ppl": best["valid_ppl"], "best_step": best["step"]}

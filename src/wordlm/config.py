@@ -1,0 +1,265 @@
+"""Typed configuration: code defaults, then a TOML file, then dotted `--set` overrides.
+
+No torch here, so `wordlm --help` and config checks stay instant. Every key lives in one dataclass field whose
+metadata carries its help text and allowed range; `validate` collects *all* problems and `ConfigError` reports
+them together, each naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+
+def _opt(default: Any, help: str, **rules: Any) -> Any:
+    """A config field: default, one-line help, and rules (min, max, min_excl, max_excl, choices)."""
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass
+class DataConfig:
+    train: str = _opt("", "training text (UTF-8, one sentence or paragraph per line)")
+    valid: str = _opt("", "validation text; drives checkpoint selection, lr decay and early stopping")
+    test: str = _opt("", "test text, read only by `wordlm eval --split test`")
+    cache_dir: str = _opt("", "where encoded id arrays are cached; '' = $WORDLM_CACHE_DIR or ~/.cache/wordlm")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = _opt("word", "word: whitespace words + <eos>; char; sentencepiece: subwords",
+                     choices=("word", "char", "sentencepiece"))
+    vocab_size: int = _opt(0, "cap on the vocabulary (0 = no cap for word/char; required for sentencepiece)",
+                           min=0)
+    min_freq: int = _opt(1, "word/char: types seen fewer times in train become <unk>", min=1)
+    lowercase: bool = _opt(False, "lowercase all text before tokenizing")
+    sp_model_type: str = _opt("unigram", "sentencepiece algorithm", choices=("unigram", "bpe"))
+    sp_character_coverage: float = _opt(1.0, "sentencepiece: share of characters covered", min_excl=0.0, max=1.0)
+
+
+@dataclass
+class ModelConfig:
+    embedding_size: int = _opt(200, "word embedding width", min=1)
+    hidden_size: int = _opt(200, "LSTM hidden width", min=1)
+    num_layers: int = _opt(2, "stacked LSTM layers", min=1)
+    dropout: float = _opt(0.0, "dropout on embeddings, between LSTM layers and before the decoder", min=0.0,
+                          max_excl=1.0)
+    tie_weights: bool = _opt(False, "share the embedding and decoder matrix (needs embedding_size == hidden_size)")
+    init_range: float = _opt(0.1, "weights start uniform in [-init_range, init_range] (Zaremba et al. 2014)",
+                             min_excl=0.0)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _opt(20, "parallel token streams per step", min=1)
+    seq_len: int = _opt(35, "truncated-BPTT window length (tokens)", min=1)
+    optimizer: str = _opt("sgd", "sgd or adamw", choices=("sgd", "adamw"))
+    lr: float = _opt(1.0, "peak learning rate", min_excl=0.0)
+    momentum: float = _opt(0.0, "SGD momentum", min=0.0, max_excl=1.0)
+    weight_decay: float = _opt(0.0, "L2 (sgd) or decoupled (adamw) weight decay", min=0.0)
+    schedule: str = _opt("plateau", "plateau: divide lr by lr_decay when valid stops improving; step: multiply "
+                         "by lr_decay each epoch from decay_start_epoch; cosine: warmup then cosine to min_lr; "
+                         "constant", choices=("plateau", "step", "cosine", "constant"))
+    lr_decay: float = _opt(4.0, "plateau: divisor; step: multiplier per epoch", min_excl=0.0)
+    decay_start_epoch: int = _opt(1, "step schedule: first epoch (1-based) whose lr is decayed", min=1)
+    warmup_steps: int = _opt(0, "cosine: linear warmup steps", min=0)
+    min_lr: float = _opt(0.0, "cosine: final learning rate", min=0.0)
+    epochs: int = _opt(1, "passes over the training text (0 = only max_steps limits)", min=0)
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0 = no limit)", min=0)
+    clip: float = _opt(5.0, "clip the global gradient norm to this (0 = off)", min=0.0)
+    seed: int = _opt(1111, "seed for torch and python RNGs", min=0)
+    device: str = _opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    precision: str = _opt("fp32", "fp32 or bf16 autocast", choices=("fp32", "bf16"))
+    num_threads: int = _opt(0, "CPU threads for torch (0 = torch's default)", min=0)
+    eval_every: int = _opt(0, "validate every N steps (0 = at the end of each epoch)", min=0)
+    eval_batch_size: int = _opt(10, "streams used for validation", min=1)
+    log_every: int = _opt(100, "steps between metrics.jsonl train records (the only host syncs)", min=1)
+    save_every: int = _opt(0, "also write last/ every N steps (0 = only at each validation)", min=0)
+    patience: int = _opt(0, "stop after this many validations without improvement (0 = never)", min=0)
+    skip_nonfinite: bool = _opt(True, "skip steps whose loss or gradient is NaN/inf (one host sync per step)")
+    max_nonfinite: int = _opt(5, "stop after this many non-finite steps in a row", min=1)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "tokenizer": TokenizerConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], base_dir: str | Path | None = None) -> Config:
+        """Build and validate; `base_dir` anchors relative data paths. Raises ConfigError listing all problems."""
+        cfg, problems = _build(raw)
+        if base_dir is not None:
+            _resolve_paths(cfg, Path(base_dir))
+        problems += validate(cfg)
+        if problems:
+            raise ConfigError(problems)
+        return cfg
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for name, values in self.to_dict().items():
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)  # a JSON string is a valid TOML basic string
+
+
+def _type_name(t: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[t]
+
+
+def _coerce(value: Any, t: type) -> tuple[bool, Any]:
+    if t is bool:
+        return isinstance(value, bool), value
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if t is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    return isinstance(value, str), value
+
+
+def _build(raw: dict[str, Any]) -> tuple[Config, list[str]]:
+    cfg, problems = Config(), []
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            problems.append(f"unknown section [{section}] (sections: {', '.join(SECTIONS)})")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"[{section}] must be a table of keys")
+            continue
+        target = getattr(cfg, section)
+        hints = get_type_hints(type(target))
+        names = [f.name for f in dataclasses.fields(target)]
+        for key, value in values.items():
+            if key not in names:
+                problems.append(f"unknown key {section}.{key} (valid: {', '.join(names)})")
+                continue
+            ok, value = _coerce(value, hints[key])
+            if not ok:
+                problems.append(f"{section}.{key} must be {_type_name(hints[key])}, got {value!r}")
+                continue
+            setattr(target, key, value)
+    return cfg, problems
+
+
+def _resolve_paths(cfg: Config, base: Path) -> None:
+    for key in ("train", "valid", "test"):
+        value = getattr(cfg.data, key)
+        if value and not os.path.isabs(value):
+            setattr(cfg.data, key, str((base / value).resolve()))
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every range, choice and cross-field problem, as messages naming the key and what is allowed."""
+    problems = []
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            v, m, key = getattr(obj, f.name), f.metadata, f"{section}.{f.name}"
+            if "choices" in m and v not in m["choices"]:
+                problems.append(f"{key} must be one of {', '.join(m['choices'])}, got {v!r}")
+            if "min" in m and v < m["min"]:
+                problems.append(f"{key} must be >= {m['min']}, got {v!r}")
+            if "max" in m and v > m["max"]:
+                problems.append(f"{key} must be <= {m['max']}, got {v!r}")
+            if "min_excl" in m and v <= m["min_excl"]:
+                problems.append(f"{key} must be > {m['min_excl']}, got {v!r}")
+            if "max_excl" in m and v >= m["max_excl"]:
+                problems.append(f"{key} must be < {m['max_excl']}, got {v!r}")
+    m, t, tok = cfg.model, cfg.train, cfg.tokenizer
+    if m.tie_weights and m.embedding_size != m.hidden_size:
+        problems.append(f"model.tie_weights needs model.embedding_size == model.hidden_size "
+                        f"(got {m.embedding_size} and {m.hidden_size}); make them equal or set tie_weights = false")
+    if t.epochs == 0 and t.max_steps == 0:
+        problems.append("train.epochs and train.max_steps are both 0: set at least one of them")
+    if tok.kind == "sentencepiece" and tok.vocab_size < 8:
+        problems.append(f"tokenizer.vocab_size must be >= 8 for sentencepiece, got {tok.vocab_size}")
+    if t.device != "auto" and t.device != "cpu" and not (t.device == "cuda" or t.device.startswith("cuda:")):
+        problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    if t.lr > 0 and t.min_lr > t.lr:  # a bad lr is reported once, above
+        problems.append(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
+    return problems
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """'train.lr=3e-3' -> ('train', 'lr', 0.003). Values parse as TOML, else stay strings."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=0.5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise ConfigError(f"override key {key!r} must be section.key (valid: {', '.join(all_keys())})")
+    section, name = key.split(".")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, name, value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist (shipped configs are in configs/)")
+    if not p.is_file():
+        raise ConfigError(f"config path {p} is a directory, not a TOML file")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- TOML file <- overrides. Data paths in the file are relative to the file; in overrides, to cwd."""
+    raw: dict[str, Any] = read_toml(path) if path is not None else {}
+    cfg, problems = _build(raw)
+    if path is not None:
+        _resolve_paths(cfg, Path(path).resolve().parent)
+    over: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        section, name, value = parse_override(item)
+        over.setdefault(section, {})[name] = value
+    cfg_over, problems_over = _build({s: {**dataclasses.asdict(getattr(cfg, s)), **v} if s in SECTIONS else v
+                                      for s, v in over.items()})
+    for s in over:
+        if s in SECTIONS:
+            setattr(cfg, s, getattr(cfg_over, s))
+    if "data" in over:
+        _resolve_paths(cfg, Path.cwd())  # override paths are relative to where the command runs
+    problems += problems_over + validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -1,0 +1,448 @@
+"""The training loop: truncated BPTT over parallel streams, SGD or AdamW, validation, checkpoints, metrics.
+
+    train(config, out_dir) -> TrainResult
+
+writes OUT/config.toml (the resolved config), OUT/metrics.jsonl (one JSON object per event), OUT/last/ (full
+training state, for --resume) and OUT/best/ (the weights with the lowest validation loss). The only host
+synchronisations inside the loop are at log intervals, at validation, and (with train.skip_nonfinite, the
+default) one finiteness check per step, which costs nothing on the CPU.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import arch_differences, find_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, TrainConfig
+from .data import Streams, encode_file, iter_lines
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, RunLockedError, TrainingInterrupted
+from .evaluate import autocast, total_nll
+from .model import build_model, detach_state, num_parameters
+from .tokenizer import Tokenizer, fit_tokenizer
+
+log = logging.getLogger("wordlm")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but no CUDA GPU is visible; use --set train.device=cpu")
+    return torch.device(name)
+
+
+class Schedule:
+    """The learning rate as a function of step, epoch and validation history (state saved in checkpoints)."""
+
+    def __init__(self, cfg: TrainConfig, total_steps: int):
+        self.cfg, self.total_steps = cfg, max(total_steps, 1)
+        self.lr = cfg.lr  # the current rate for plateau/step; the peak for cosine
+
+    def at_step(self, step: int) -> float:
+        """The rate for optimizer step `step` (0-based)."""
+        c = self.cfg
+        if c.schedule != "cosine":
+            return self.lr
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        progress = min(1.0, (step - c.warmup_steps) / max(1, self.total_steps - c.warmup_steps))
+        return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def start_epoch(self, epoch: int) -> None:
+        """`epoch` is 1-based. The step schedule decays once per epoch from decay_start_epoch on."""
+        c = self.cfg
+        if c.schedule == "step":
+            self.lr = c.lr * c.lr_decay ** max(0, epoch - c.decay_start_epoch + 1)
+
+    def after_validation(self, improved: bool) -> None:
+        if self.cfg.schedule == "plateau" and not improved:
+            self.lr /= self.cfg.lr_decay  # the classic "divide by 4 when validation stops improving"
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr = float(state["lr"])
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    epochs_done: float
+    tokens: int
+    best_valid_loss: float
+    best_valid_ppl: float
+    elapsed_s: float
+    stop_reason: str
+    num_parameters: int
+
+
+class RunLock:
+    """An exclusive flock on OUT/.lock; the kernel drops it if the process dies, even by kill -9."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise RunLockedError(f"{self.path.parent} is in use by another training process; wait for it to "
+                                 f"finish or use another --out directory") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, writes last/ and stops. A second signal kills."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _has_run(out: Path) -> bool:
+    names = ("last", "best", ".last.old", ".best.old", "metrics.jsonl")
+    return any((out / n).exists() for n in names)
+
+
+class _Metrics:
+    def __init__(self, path: Path, keep_until_step: int | None):
+        self.path = path
+        if keep_until_step is not None and path.exists():
+            # Resuming: drop records the killed run wrote after its last checkpoint; they will be logged again.
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and self._step(ln) <= keep_until_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            os.replace(tmp, path)
+        self.f = open(path, "a", encoding="utf-8")
+
+    @staticmethod
+    def _step(line: str) -> int:
+        try:
+            return int(json.loads(line).get("step", 0))
+        except ValueError:
+            return 1 << 62
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = False) -> TrainResult:
+    """Train a model as `cfg` says into `out_dir`. See the module docstring for what is written."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the run")
+    ckpt = None
+    if resume:
+        if not out.is_dir():
+            raise CheckpointError(f"nothing to resume: {out} does not exist; start without --resume")
+        try:
+            last = find_checkpoint(out, prefer="last")
+        except CheckpointError:
+            raise CheckpointError(f"nothing to resume in {out}: it has no last/ checkpoint; "
+                                  f"start without --resume") from None
+        ckpt = load_checkpoint(last, train_state=True)
+        diffs = arch_differences(cfg, ckpt.config)
+        if diffs:
+            raise ConfigError([f"--resume with a changed architecture ({d}, config vs checkpoint); "
+                               f"train into a new --out instead" for d in diffs])
+        _warn_train_changes(cfg, ckpt.config)
+    elif out.is_dir() and _has_run(out) and not overwrite:
+        raise ConfigError(f"{out} already holds a run; continue it with --resume, start over with --overwrite, "
+                          f"or choose another --out")
+
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out), _StopFlag() as stop:
+        # Everything that can fail on bad input happens before anything in `out` is replaced.
+        if ckpt is not None:
+            tokenizer = ckpt.tokenizer
+        else:
+            log.info("fitting the %s tokenizer on %s", cfg.tokenizer.kind, cfg.data.train)
+            tokenizer = fit_tokenizer(cfg.tokenizer, lambda: iter_lines(cfg.data.train, "data.train"))
+        cache = cfg.data.cache_dir or None
+        train_split = encode_file(cfg.data.train, tokenizer, cache, "data.train", progress)
+        valid_split = encode_file(cfg.data.valid, tokenizer, cache, "data.valid", progress)
+        train_streams = _streams(train_split.ids, tc.batch_size, device, "data.train", "train.batch_size")
+        valid_streams = _streams(valid_split.ids, tc.eval_batch_size, device, "data.valid",
+                                 "train.eval_batch_size")
+        if overwrite and ckpt is None:
+            for name in ("last", "best", ".last.old", ".best.old", ".last.tmp", ".best.tmp"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "config.toml").write_text(cfg.to_toml())
+        return _Loop(cfg, out, device, tokenizer, train_streams, valid_streams, ckpt, stop, progress).run()
+
+
+def _streams(ids, batch_size, device, what, knob) -> Streams:
+    try:
+        return Streams(ids, batch_size, device)
+    except Exception as e:  # Streams raises DataError for short text; name the file and the knob
+        from .errors import DataError
+
+        if isinstance(e, DataError):
+            raise DataError(f"{what}: {e} ({knob})") from None
+        raise
+
+
+def _warn_train_changes(new: Config, old: Config) -> None:
+    a, b = new.to_dict(), old.to_dict()
+    for section in ("data", "train"):
+        for k, v in a[section].items():
+            if b[section].get(k) != v:
+                log.warning("resume: %s.%s is %r in the config and %r in the checkpoint; using the config's %r",
+                            section, k, v, b[section].get(k), v)
+
+
+class _Loop:
+    def __init__(self, cfg: Config, out: Path, device: torch.device, tokenizer: Tokenizer, train_streams: Streams,
+                 valid_streams: Streams, ckpt, stop: _StopFlag, progress: bool):
+        self.cfg, self.tc, self.out, self.device = cfg, cfg.train, out, device
+        self.tokenizer, self.train_streams, self.valid_streams = tokenizer, train_streams, valid_streams
+        self.stop, self.progress = stop, progress
+        tc = self.tc
+        self.model = build_model(cfg.model, tokenizer.vocab_size, device)
+        params = list(self.model.parameters())
+        if tc.optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.windows_per_epoch = train_streams.num_windows(tc.seq_len)
+        by_epochs = tc.epochs * self.windows_per_epoch if tc.epochs else None
+        self.total_steps = min(x for x in (by_epochs, tc.max_steps or None) if x is not None)
+        self.schedule = Schedule(tc, self.total_steps)
+        # Position and history; overwritten when resuming.
+        self.step, self.epoch, self.row, self.tokens, self.elapsed = 0, 0, 0, 0, 0.0
+        self.best, self.bad_evals, self.nonfinite_total, self.last_eval_step = math.inf, 0, 0, -1
+        self.state = self.model.init_state(tc.batch_size)
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.metrics = _Metrics(out / "metrics.jsonl", self.step if ckpt is not None else None)
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def _train_state(self) -> dict:
+        return {
+            "step": self.step, "epoch": self.epoch, "row": self.row, "tokens": self.tokens,
+            "elapsed_s": self.elapsed, "best_valid_loss": self.best, "bad_evals": self.bad_evals,
+            "nonfinite_total": self.nonfinite_total, "last_eval_step": self.last_eval_step,
+            "optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(),
+            "lstm_h": self.state[0].detach().cpu(), "lstm_c": self.state[1].detach().cpu(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_python": random.getstate(),
+        }
+
+    def _restore(self, ckpt) -> None:
+        ts = ckpt.train_state
+        self.model.load_state_dict(ckpt.model_state)
+        self.opt.load_state_dict(ts["optimizer"])
+        self.schedule.load_state_dict(ts["schedule"])
+        self.step, self.epoch, self.row, self.tokens = ts["step"], ts["epoch"], ts["row"], ts["tokens"]
+        self.elapsed, self.best, self.bad_evals = ts["elapsed_s"], ts["best_valid_loss"], ts["bad_evals"]
+        self.nonfinite_total, self.last_eval_step = ts["nonfinite_total"], ts["last_eval_step"]
+        h, c = ts["lstm_h"], ts["lstm_c"]
+        if h.shape[1] != self.tc.batch_size:
+            log.warning("resume: train.batch_size changed (%d -> %d); the carried LSTM state starts from zero",
+                        h.shape[1], self.tc.batch_size)
+        else:
+            self.state = (h.to(self.device), c.to(self.device))
+        torch.set_rng_state(ts["rng_torch"])
+        if ts["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ts["rng_cuda"])
+        random.setstate(ts["rng_python"])
+        log.info("resuming %s at step %d (epoch %d)", self.out, self.step, self.epoch + 1)
+
+    def _save(self, name: str, valid_loss: float | None = None) -> None:
+        full = name == "last"
+        save_checkpoint(self.out / name, model_state=self.model.state_dict(), config=self.cfg,
+                        tokenizer=self.tokenizer, train_state=self._train_state() if full else None,
+                        info={"step": self.step, "epoch": self.epoch, "tokens": self.tokens,
+                              "valid_loss": valid_loss if valid_loss is not None else self.best,
+                              "num_parameters": num_parameters(self.model)})
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def validate(self) -> tuple[float, bool]:
+        nll, n = total_nll(self.model, self.valid_streams, self.tc.seq_len, self.tc.precision)
+        loss = nll / n
+        improved = loss < self.best
+        if improved:
+            self.best, self.bad_evals = loss, 0
+        else:
+            self.bad_evals += 1
+        self.schedule.after_validation(improved)
+        self.last_eval_step = self.step
+        self.metrics.write({"event": "valid", "step": self.step, "epoch": self._epoch_float(),
+                            "tokens": self.tokens, "valid_loss": loss, "valid_ppl": _ppl(loss),
+                            "best_valid_ppl": _ppl(self.best), "lr": self.schedule.at_step(self.step),
+                            "elapsed_s": round(self.elapsed, 3)})
+        if improved:
+            self._save("best", loss)
+        self._save("last", loss)
+        return loss, improved
+
+    def _epoch_float(self) -> float:
+        return round(self.epoch + self.row / max(1, self.train_streams.rows - 1), 4)
+
+    def run(self) -> TrainResult:
+        tc, model = self.tc, self.model
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc="train")
+        log.info("model: %s parameters, vocabulary %d, %d windows per epoch, device %s",
+                 f"{num_parameters(model):,}", self.tokenizer.vocab_size, self.windows_per_epoch, self.device)
+        model.train()
+        params = list(model.parameters())
+        run_loss = torch.zeros((), device=self.device)
+        run_count, nonfinite_run = 0, 0
+        t_log, tokens_log = time.perf_counter(), self.tokens
+        t_mark = time.perf_counter()
+        stop_reason = "finished"
+        if self.row == 0:
+            self.schedule.start_epoch(self.epoch + 1)
+        try:
+            while self.step < self.total_steps:
+                if self.row >= self.train_streams.rows - 1:  # epoch boundary
+                    self.epoch += 1
+                    self.row = 0
+                    self.state = model.init_state(tc.batch_size)
+                    if tc.eval_every == 0:
+                        self.elapsed += time.perf_counter() - t_mark
+                        t_mark = time.perf_counter()
+                        self.validate()
+                        if self._patience_exhausted():
+                            stop_reason = "early stop: validation stopped improving"
+                            break
+                    self.schedule.start_epoch(self.epoch + 1)
+                lr = self.schedule.at_step(self.step)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                x, y = self.train_streams.window(self.row, tc.seq_len)
+                state = detach_state(self.state)
+                with autocast(self.device, tc.precision):
+                    nll, state = model.nll(x, y, state)
+                loss = nll.mean()
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, tc.clip if tc.clip > 0 else math.inf)
+                self.step += 1
+                self.row += x.shape[0]
+                self.tokens += x.numel()
+                if tc.skip_nonfinite and not bool(torch.isfinite(loss.detach() + gnorm)):
+                    nonfinite_run += 1
+                    self.nonfinite_total += 1
+                    self.opt.zero_grad(set_to_none=True)
+                    self.state = model.init_state(tc.batch_size)
+                    self.metrics.write({"event": "nonfinite", "step": self.step, "epoch": self._epoch_float(),
+                                        "in_a_row": nonfinite_run, "skipped_total": self.nonfinite_total})
+                    log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                                self.step, nonfinite_run)
+                    if nonfinite_run >= tc.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{nonfinite_run} non-finite steps in a row at step {self.step}: training stopped; "
+                            f"the last good checkpoint in {self.out} is kept. Lower train.lr or train.clip")
+                else:
+                    nonfinite_run = 0
+                    self.opt.step()
+                    self.state = state
+                    run_loss += loss.detach()
+                    run_count += 1
+                bar.update(1)
+                if self.step % tc.log_every == 0 and run_count:
+                    now = time.perf_counter()
+                    train_loss = run_loss.item() / run_count  # the log-interval host sync
+                    tok_s = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
+                    self.elapsed += now - t_mark
+                    t_mark = now
+                    self.metrics.write({"event": "train", "step": self.step, "epoch": self._epoch_float(),
+                                        "tokens": self.tokens, "loss": train_loss, "ppl": _ppl(train_loss),
+                                        "lr": lr, "tokens_per_s": round(tok_s, 1),
+                                        "elapsed_s": round(self.elapsed, 3)})
+                    bar.set_postfix(loss=f"{train_loss:.3f}", ppl=f"{_ppl(train_loss):.1f}", lr=f"{lr:.3g}",
+                                    tok_s=f"{tok_s:,.0f}")
+                    run_loss.zero_()
+                    run_count, t_log, tokens_log = 0, now, self.tokens
+                if tc.eval_every and self.step % tc.eval_every == 0:
+                    self.elapsed += time.perf_counter() - t_mark
+                    t_mark = time.perf_counter()
+                    self.validate()
+                    if self._patience_exhausted():
+                        stop_reason = "early stop: validation stopped improving"
+                        break
+                elif tc.save_every and self.step % tc.save_every == 0:
+                    self._save("last")
+                if self.stop.signum is not None:
+                    self.elapsed += time.perf_counter() - t_mark
+                    t_mark = time.perf_counter()
+                    self._save("last")
+                    name = signal.Signals(self.stop.signum).name
+                    raise TrainingInterrupted(f"stopped by {name} at step {self.step}; {self.out / 'last'} saved; "
+                                              f"continue with: wordlm train --out {self.out} --resume")
+            self.elapsed += time.perf_counter() - t_mark
+            t_mark = time.perf_counter()
+            if self.last_eval_step != self.step:
+                self.validate()
+        finally:
+            bar.close()
+            self.metrics.close()
+        return TrainResult(self.out, self.step, self._epoch_float(), self.tokens, self.best, _ppl(self.best),
+                           self.elapsed, stop_reason, num_parameters(model))
+
+    def _patience_exhausted(self) -> bool:
+        return bool(self.tc.patience) and self.bad_evals >= self.tc.patience
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+

@@ -1,0 +1,64 @@
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+# The test models are tiny: one thread is fastest, and it leaves the other core free (no OpenMP spinning).
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "data" / "tiny"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """Keep the corpus cache of the tests out of the user's ~/.cache."""
+    os.environ["WORDLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+def write_lines(path: Path, lines) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> dict:
+    """A ~20-word vocabulary corpus with a fixed word order, in train/valid/test files."""
+    rng = random.Random(0)
+    subjects = ["the cat", "a dog", "the bird", "my friend"]
+    verbs = ["sees", "likes", "eats", "finds"]
+    objects = ["the fish", "a ball", "the tree", "some food"]
+
+    def lines(n):
+        return [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}" for _ in range(n)]
+
+    return {name: str(write_lines(tmp_path / f"{name}.txt", lines(n)))
+            for name, n in (("train", 400), ("valid", 60), ("test", 60))}
+
+
+def tiny_config(corpus: dict, **train):
+    """A 1-layer LSTM of width 8 on `corpus`: seconds to train, deterministic on the CPU."""
+    from wordlm.config import Config
+
+    raw = {
+        "data": {"train": corpus["train"], "valid": corpus["valid"], "test": corpus["test"]},
+        "model": {"embedding_size": 8, "hidden_size": 8, "num_layers": 1},
+        "train": {"batch_size": 4, "seq_len": 8, "optimizer": "sgd", "lr": 1.0, "epochs": 1, "log_every": 1,
+                  "device": "cpu", "eval_batch_size": 2, "seed": 7, **train},
+    }
+    return Config.from_dict(raw)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The demo config trained on the shipped corpus (a few seconds), shared by the tests that use a model."""
+    from wordlm.config import load_config
+    from wordlm.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    cfg = load_config(ROOT / "configs" / "demo.toml", ["train.epochs=4"])
+    train(cfg, out)
+    return out

@@ -1,0 +1,102 @@
+"""The CLI as a user meets it: exit codes, the exact lines printed, and no tracebacks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from wordlm.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_commands_without_importing_torch():
+    code = ("import sys; from typer.testing import CliRunner; from wordlm.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); print(r.exit_code, 'torch' in sys.modules); print(r.output)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("0 False")
+    for command in ("train", "eval", "generate", "predict", "score", "info"):
+        assert command in out
+
+
+def test_version():
+    r = run("--version")
+    assert r.exit_code == 0 and r.output.strip() == "wordlm 0.1.0"
+
+
+def test_train_eval_generate_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = run("train", "--config", ROOT / "configs" / "demo.toml", "--out", out, "--set", "train.max_steps=60",
+            "--set", "train.eval_every=30")
+    assert r.exit_code == 0, r.output
+    assert "best validation: loss" in r.output
+    assert (out / "best" / "meta.json").is_file() and (out / "last" / "train_state.pt").is_file()
+
+    r = run("eval", out, "--split", "test", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output.strip().splitlines()[-1])
+    assert set(report) >= {"loss", "ppl", "bits_per_token", "tokens"}
+    assert 1 < report["ppl"] < 142  # better than uniform over the 142-type vocabulary
+    assert report["tokens"] > 5000
+
+    r1 = run("generate", out, "--prompt", "why do we", "--max-tokens", "12", "--seed", "5")
+    r2 = run("generate", out, "--prompt", "why do we", "--max-tokens", "12", "--seed", "5")
+    r3 = run("generate", out, "--prompt", "why do we", "--max-tokens", "12", "--seed", "6")
+    assert r1.exit_code == 0 and r1.output.startswith("why do we ")
+    assert r1.output == r2.output != r3.output
+    assert len(r1.output.split()) >= 3 + 8  # 12 tokens, a few of which may be line ends
+
+
+def test_eval_on_a_file_and_full_context(demo_run):
+    r = run("eval", demo_run, "--data", ROOT / "data" / "tiny" / "valid.txt", "--batch-size", "1")
+    assert r.exit_code == 0, r.output
+    assert "ppl" in r.output and "tokens" in r.output
+
+
+def test_generate_warns_on_unknown_words_and_refuses_empty_prompts(demo_run):
+    r = run("generate", demo_run, "--prompt", "the zebra", "--max-tokens", "3", "--seed", "0")
+    assert r.exit_code == 0
+    assert "not in the vocabulary, read as <unk>: zebra" in r.output
+    r = run("generate", demo_run, "--prompt", "  ")
+    assert r.exit_code == 2 and r.output.startswith("error: the prompt is empty")
+    r = run("generate", demo_run, "--prompt", "zebra giraffe")
+    assert r.exit_code == 2 and "every word of the prompt is unknown" in r.output
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["train", "--config", "nope.toml"], 2, "error: config file nope.toml does not exist"),
+    (["train"], 2, "error: give --config PATH"),
+    (["eval", "missing_run"], 4, "error: missing_run does not exist; train a model first"),
+    (["generate", "{run}", "--prompt", "the", "--top-p", "1.5"], 2, "error: --top-p must be in (0, 1]"),
+    (["generate", "{run}", "--prompt", "the", "--temperature", "0"], 2, "error: --temperature must be > 0"),
+])
+def test_bad_input_gives_one_line_and_an_exit_code(demo_run, args, code, message):
+    r = run(*[a.replace("{run}", str(demo_run)) for a in args])
+    assert r.exit_code == code, r.output
+    assert r.output.startswith(message), r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_config_errors_are_listed_together(tmp_path):
+    r = run("train", "--config", ROOT / "configs" / "demo.toml", "--out", tmp_path / "r",
+            "--set", "train.lr=-1", "--set", "model.dropout=1.5", "--set", "train.bogus=3")
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert lines[0] == "error: 3 problems in the configuration:"
+    assert any("train.lr must be > 0.0, got -1" in ln for ln in lines)
+    assert any("model.dropout must be < 1.0, got 1.5" in ln for ln in lines)
+    assert any("unknown key train.bogus" in ln for ln in lines)
+    assert not (tmp_path / "r").exists()
+
+
+def test_python_m_wordlm():
+    out = subprocess.run([sys.executable, "-m", "wordlm", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "wordlm 0.1.0"

@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from wordlm.config import Config, load_config, parse_override
+from wordlm.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_valid():
+    Config.from_dict({})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    for key in ("train", "valid", "test"):
+        value = getattr(cfg.data, key)
+        assert Path(value).is_absolute(), f"{path.name}: data.{key} not resolved"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), f"{path.name} must open with a comment"
+
+
+def test_paths_are_relative_to_the_config_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    cfg_path = tmp_path / "sub" / "x.toml"
+    cfg_path.write_text('[data]\ntrain = "../corpus/train.txt"\n')
+    cfg = load_config(cfg_path)
+    assert cfg.data.train == str((tmp_path / "corpus" / "train.txt").resolve())
+
+
+def test_every_problem_is_reported_at_once():
+    raw = {"train": {"lr": -1.0, "bogus": 1, "batch_size": "20"}, "model": {"dropout": 1.0},
+           "tokenizer": {"kind": "bytes"}, "nope": {}}
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict(raw)
+    msg = str(e.value)
+    for needle in ("train.lr must be > 0.0", "unknown key train.bogus (valid: batch_size", "train.batch_size must be "
+                   "an integer", "model.dropout must be < 1.0", "tokenizer.kind must be one of word, char, "
+                   "sentencepiece", "unknown section [nope]"):
+        assert needle in msg
+    assert len(e.value.problems) == 6
+
+
+def test_tie_weights_needs_equal_sizes():
+    with pytest.raises(ConfigError, match="tie_weights needs model.embedding_size == model.hidden_size"):
+        Config.from_dict({"model": {"tie_weights": True, "embedding_size": 100, "hidden_size": 200}})
+
+
+def test_int_is_accepted_for_float_but_not_bool_for_int():
+    cfg = Config.from_dict({"train": {"lr": 2}})
+    assert cfg.train.lr == 2.0 and isinstance(cfg.train.lr, float)
+    with pytest.raises(ConfigError, match="train.batch_size must be an integer"):
+        Config.from_dict({"train": {"batch_size": True}})
+
+
+def test_overrides_parse_as_toml_and_win(tmp_path):
+    assert parse_override("train.lr=3e-3") == ("train", "lr", 0.003)
+    assert parse_override("train.device=cuda") == ("train", "device", "cuda")
+    assert parse_override("model.tie_weights=true") == ("model", "tie_weights", True)
+    p = tmp_path / "c.toml"
+    p.write_text("[train]\nlr = 1.0\nepochs = 3\n")
+    cfg = load_config(p, ["train.lr=0.5"])
+    assert (cfg.train.lr, cfg.train.epochs) == (0.5, 3)
+    with pytest.raises(ConfigError, match="unknown key train.lrr"):
+        load_config(p, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(p, ["train.lr"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = load_config(ROOT / "configs" / "ptb-small.toml")
+    p = tmp_path / "resolved.toml"
+    p.write_text(cfg.to_toml())
+    assert load_config(p) == cfg

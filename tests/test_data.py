@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from wordlm.data import Streams, encode_file, iter_lines
+from wordlm.errors import DataError
+from wordlm.tokenizer import WordTokenizer
+
+
+def test_stream_layout_on_a_hand_made_sequence():
+    # The diagram in data.Streams: ids a..x (0..23), 4 streams of 6 rows.
+    s = Streams(np.arange(24, dtype=np.uint16), batch_size=4)
+    assert (s.rows, s.targets, s.num_windows(2)) == (6, 20, 3)
+    x, y = s.window(0, 2)
+    assert x.tolist() == [[0, 6, 12, 18], [1, 7, 13, 19]]
+    assert y.tolist() == [[1, 7, 13, 19], [2, 8, 14, 20]]
+    x, y = s.window(4, 2)  # the last window is shorter
+    assert x.tolist() == [[4, 10, 16, 22]] and y.tolist() == [[5, 11, 17, 23]]
+    assert x.dtype == y.dtype == __import__("torch").int64
+
+
+def test_windows_cover_every_target_once():
+    s = Streams(np.arange(103, dtype=np.uint32), batch_size=5)  # 3 tokens dropped: 103 = 5 * 20 + 3
+    seen = []
+    for row in range(0, s.rows - 1, 7):
+        _, y = s.window(row, 7)
+        seen += y.flatten().tolist()
+    assert sorted(seen) == sorted(set(range(100)) - {0, 20, 40, 60, 80})
+    assert len(seen) == s.targets
+
+
+def test_too_short_for_the_batch():
+    with pytest.raises(DataError, match="too short for 20 streams"):
+        Streams(np.arange(30, dtype=np.uint16), batch_size=20)
+
+
+def test_encode_file_caches_and_reuses(tmp_path, monkeypatch):
+    f = tmp_path / "t.txt"
+    f.write_text("a b c\nb c\n")
+    tok = WordTokenizer.fit(["a b c"])
+    first = encode_file(f, tok, tmp_path / "cache")
+    assert first.ids.tolist() == [tok.eos_id, *tok.encode("a b c\nb c\n")]
+    assert (first.tokens, first.words) == (7, 7) and first.ids.dtype == np.uint16
+
+    def boom(*a, **k):
+        raise AssertionError("tokenized again although the cache holds this text")
+
+    monkeypatch.setattr(tok, "encode_lines", boom)
+    again = encode_file(f, tok, tmp_path / "cache")
+    assert isinstance(again.ids, np.memmap) and again.ids.tolist() == first.ids.tolist()
+    f.write_text("c c\n")  # new content -> new key -> tokenized again
+    with pytest.raises(AssertionError, match="tokenized again"):
+        encode_file(f, tok, tmp_path / "cache")
+
+
+def test_large_vocabularies_use_uint32(tmp_path):
+    words = [f"w{i}" for i in range(70000)]
+    f = tmp_path / "t.txt"
+    f.write_text(" ".join(words) + "\n")
+    tok = WordTokenizer.fit([" ".join(words)])
+    split = encode_file(f, tok, tmp_path / "cache")
+    assert split.ids.dtype == np.uint32 and int(split.ids[-2]) == tok.stoi["w69999"]
+
+
+def test_bad_files_are_named_with_the_problem(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"hello\nab\xffc\n")
+    with pytest.raises(DataError, match=r"not UTF-8 text \(byte 0xff at byte offset 8\)"):
+        list(iter_lines(bad, "data.train"))
+    nul = tmp_path / "bin.txt"
+    nul.write_bytes(b"ok\n\x00\x01\x02")
+    with pytest.raises(DataError, match="looks binary"):
+        list(iter_lines(nul, "data.train"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        list(iter_lines(empty, "data.train"))
+    with pytest.raises(DataError, match="is a directory"):
+        list(iter_lines(tmp_path, "data.train"))
+    with pytest.raises(DataError, match="does not exist"):
+        list(iter_lines(tmp_path / "nope.txt", "data.train"))

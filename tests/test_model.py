@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from wordlm.config import ModelConfig
+from wordlm.errors import ConfigError
+from wordlm.model import LSTMLanguageModel, num_parameters
+
+
+def make(**kw):
+    return LSTMLanguageModel(50, ModelConfig(**{"embedding_size": 16, "hidden_size": 16, "num_layers": 2, **kw}))
+
+
+def test_output_shapes_and_state():
+    m = make()
+    ids = torch.randint(0, 50, (7, 3))  # (T, B)
+    logits, (h, c) = m(ids)
+    assert logits.shape == (7, 3, 50)
+    assert h.shape == c.shape == (2, 3, 16)
+    nll, _ = m.nll(ids, ids)
+    assert nll.shape == (7, 3) and nll.dtype == torch.float32
+
+
+def test_carrying_the_state_equals_reading_at_once():
+    torch.manual_seed(0)
+    m = make().eval()
+    ids = torch.randint(0, 50, (10, 2))
+    full, _ = m(ids, m.init_state(2))
+    a, state = m(ids[:4], m.init_state(2))
+    b, _ = m(ids[4:], state)
+    torch.testing.assert_close(torch.cat([a, b]), full)
+
+
+def test_tied_weights_share_one_matrix():
+    tied, untied = make(tie_weights=True), make()
+    assert tied.decoder.weight is tied.embedding.weight
+    assert num_parameters(untied) - num_parameters(tied) == 50 * 16
+
+
+def test_tie_weights_error_names_the_sizes():
+    with pytest.raises(ConfigError, match=r"embedding_size == model.hidden_size \(got 8 and 16\)"):
+        make(embedding_size=8, tie_weights=True)
+
+
+def test_init_state_follows_the_weights():
+    m = make().double()
+    h, c = m.init_state(5)
+    assert h.dtype == torch.float64 and h.shape == (2, 5, 16) and not h.any()
+
+
+def test_initialisation_range():
+    m = make(init_range=0.05)
+    assert max(p.abs().max().item() for p in m.parameters()) <= 0.05
+    assert not m.decoder.bias.any()
