@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import arch_differences, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, TrainConfig
-from .data import Streams, encode_file, iter_lines
+from .data import Streams, check_text_file, encode_file, iter_lines
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, RunLockedError, TrainingInterrupted
 from .evaluate import autocast, total_nll
 from .model import build_model, detach_state, num_parameters
@@ -196,6 +196,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
         raise ConfigError(f"{out} already holds a run; continue it with --resume, start over with --overwrite, "
                           f"or choose another --out")
 
+    for what in ("train", "valid"):  # fail fast, before any slow work, on files that are not there
+        check_text_file(getattr(cfg.data, what), f"data.{what}")
     tc = cfg.train
     device = resolve_device(tc.device)
     if tc.num_threads:
@@ -420,7 +422,7 @@ class _Loop:
                     if self._patience_exhausted():
                         stop_reason = "early stop: validation stopped improving"
                         break
-                elif tc.save_every and self.step % tc.save_every == 0:
+                elif tc.save_every and self.step % tc.save_every == 0 and nonfinite_run == 0:
                     self._save("last")
                 if self.stop.signum is not None:
                     self.elapsed += time.perf_counter() - t_mark

@@ -1,0 +1,254 @@
+"""Crashes, kills, corrupt or malicious checkpoints, and NaNs: nothing good is ever lost."""
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from wordlm.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from wordlm.errors import CheckpointError, ConfigError, NonFiniteLossError, RunLockedError
+from wordlm.model import LSTMLanguageModel
+from wordlm.train import RunLock, train
+
+TIMING = ("tokens_per_s", "elapsed_s")
+
+
+def train_records(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in map(json.loads, lines) if r["event"] == "train"]
+
+
+def config_file(tmp_path: Path, corpus: dict, **train) -> Path:
+    cfg = tiny_config(corpus, **train)
+    cfg.model.dropout = 0.2  # draws random numbers, so the RNG state must survive the kill too
+    path = tmp_path / "tiny.toml"
+    path.write_text(cfg.to_toml())
+    return path
+
+
+def wordlm(*args, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "wordlm", "-q", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            if lines and json.loads(lines[-1] or "{}").get("step", 0) >= step:
+                return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    raise AssertionError(f"training did not reach step {step}")
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path):
+    cfg = config_file(tmp_path, small_corpus, epochs=4, save_every=4, optimizer="adamw", lr=0.01,
+                      schedule="cosine", warmup_steps=5, eval_every=10)
+    straight = wordlm("train", "--config", cfg, "--out", tmp_path / "straight")
+    assert straight.wait() == 0, straight.communicate()
+
+    kill_at = random.Random().randint(6, 40)  # a random step, usually between checkpoints
+    cut = tmp_path / "cut"
+    proc = wordlm("train", "--config", cfg, "--out", cut)
+    wait_for_step(cut / "metrics.jsonl", kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = load_checkpoint(cut, prefer="last").meta["step"]
+    assert 0 < resumed_from < 48
+    again = wordlm("train", "--out", cut, "--resume")
+    assert again.wait() == 0, again.communicate()
+
+    a = load_checkpoint(tmp_path / "straight", prefer="last").model_state
+    b = load_checkpoint(cut, prefer="last").model_state
+    assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after kill at {kill_at}"
+    after = [r for r in train_records(cut) if r["step"] > resumed_from]
+    assert after and after == [r for r in train_records(tmp_path / "straight") if r["step"] > resumed_from]
+    assert train_records(cut) == train_records(tmp_path / "straight")  # nothing logged twice or lost
+
+
+SAVER = """
+import sys, torch
+from wordlm.checkpoint import save_checkpoint
+from wordlm.config import Config
+from wordlm.tokenizer import WordTokenizer
+cfg = Config()
+tok = WordTokenizer.fit(["a b c"])
+state = {"w": torch.zeros(1_500_000)}
+for i in range(1_000_000):
+    state["w"].fill_(i)
+    save_checkpoint(sys.argv[1], model_state=state, config=cfg, tokenizer=tok, train_state={"step": i},
+                    info={"step": i})
+    print(i, flush=True)
+"""
+
+
+def test_killing_during_checkpoint_writes_always_leaves_a_loadable_last(tmp_path):
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    rng = random.Random()
+    seen = -1
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run" / "last")],
+                                stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one save done
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        d = find_checkpoint(tmp_path / "run", prefer="last")
+        ck = torch.load(d / "model.pt", weights_only=True)
+        step = json.loads((d / "meta.json").read_text())["step"]
+        assert float(ck["w"][0]) == step  # the files of one checkpoint belong together
+        assert json.loads((d / "meta.json").read_text())["files"]  # checksums present
+        seen = max(seen, step)
+    assert seen > 0
+
+
+def test_old_copy_is_used_when_the_crash_came_between_the_renames(small_corpus, tmp_path):
+    train(tiny_config(small_corpus, max_steps=3), tmp_path / "run")
+    (tmp_path / "run" / "last").rename(tmp_path / "run" / ".last.old")
+    assert find_checkpoint(tmp_path / "run", prefer="last").name == ".last.old"
+    train(tiny_config(small_corpus, max_steps=6), tmp_path / "run", resume=True)
+    assert load_checkpoint(tmp_path / "run", prefer="last").meta["step"] == 6
+    assert not (tmp_path / "run" / ".last.old").exists()
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # unpickling would create this file
+
+
+def test_a_crafted_pickle_checkpoint_is_refused_and_never_runs(small_corpus, tmp_path):
+    train(tiny_config(small_corpus, max_steps=2), tmp_path / "run")
+    ck = tmp_path / "run" / "best"
+    marker = tmp_path / "pwned"
+    with open(ck / "model.pt", "wb") as f:
+        pickle.dump({"embedding.weight": _Payload(str(marker))}, f, protocol=2)
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["files"].pop("model.pt")  # as a crafted checkpoint would: no checksum to trip over first
+    (ck / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="refusing to load .*model.pt: it holds pickled Python objects"):
+        load_checkpoint(ck)
+    assert not marker.exists()
+
+
+def test_a_torch_saved_module_is_refused(tmp_path):
+    from wordlm.config import ModelConfig
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    torch.save(LSTMLanguageModel(10, ModelConfig(embedding_size=4, hidden_size=4)), d / "model.pt")
+    from wordlm.checkpoint import _load_tensors
+
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        _load_tensors(d / "model.pt")
+
+
+def test_corrupt_and_truncated_checkpoints_name_the_file(small_corpus, tmp_path):
+    train(tiny_config(small_corpus, max_steps=2), tmp_path / "run")
+    model = tmp_path / "run" / "best" / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"model.pt does not match its checksum in meta.json"):
+        load_checkpoint(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"model.pt is corrupt or truncated"):
+        load_checkpoint(tmp_path / "run", verify=False)
+    (tmp_path / "run" / "last" / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"last/meta.json is corrupt"):
+        load_checkpoint(tmp_path / "run" / "last")
+
+
+def test_format_version_and_tokenizer_mismatch(small_corpus, tmp_path):
+    train(tiny_config(small_corpus, max_steps=2), tmp_path / "run")
+    ck = tmp_path / "run" / "best"
+    meta = json.loads((ck / "meta.json").read_text())
+    (ck / "meta.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="has checkpoint format 99, this wordlm reads format 1"):
+        load_checkpoint(ck)
+    # A consistent-looking checkpoint whose tokenizer belongs to another model.
+    from wordlm.checkpoint import _sha256
+
+    tok = json.loads((ck / "tokenizer.json").read_text())
+    tok["itos"] = tok["itos"] + ["extra"]
+    (ck / "tokenizer.json").write_text(json.dumps(tok))
+    meta["files"]["tokenizer.json"] = _sha256(ck / "tokenizer.json")
+    (ck / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="embedding rows but the tokenizer has 19 types"):
+        load_checkpoint(ck)
+
+
+def test_resume_with_a_changed_architecture_is_refused(small_corpus, tmp_path):
+    train(tiny_config(small_corpus, max_steps=2), tmp_path / "run")
+    cfg = tiny_config(small_corpus, max_steps=4)
+    cfg.model.hidden_size = 16
+    with pytest.raises(ConfigError, match=r"--resume with a changed architecture \(model.hidden_size: 16 vs 8"):
+        train(cfg, tmp_path / "run", resume=True)
+
+
+def test_a_locked_run_directory_is_refused(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with RunLock(run):
+        with pytest.raises(RunLockedError, match="in use by another training process"):
+            train(tiny_config(small_corpus, max_steps=2), run)
+    train(tiny_config(small_corpus, max_steps=2), run)  # free again once released
+
+
+def _nan_at(monkeypatch, steps: set[int]):
+    """Make the model's loss NaN on the given (1-based) training calls."""
+    original = LSTMLanguageModel.nll
+    calls = {"n": 0}
+
+    def nll(self, ids, targets, state=None):
+        loss, state = original(self, ids, targets, state)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in steps:
+                loss = loss * float("nan")
+        return loss, state
+
+    monkeypatch.setattr(LSTMLanguageModel, "nll", nll)
+
+
+def test_a_nan_loss_is_skipped_and_counted(small_corpus, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, {5, 9})
+    train(tiny_config(small_corpus, max_steps=12), tmp_path / "run")
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in recs if r["event"] == "nonfinite"]
+    assert [(r["step"], r["skipped_total"]) for r in skipped] == [(5, 1), (9, 2)]
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "run").model_state.values())
+    assert {r["step"] for r in recs if r["event"] == "train"} == set(range(1, 13)) - {5, 9}
+
+
+def test_repeated_nans_stop_cleanly_keeping_the_last_good_checkpoint(small_corpus, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, set(range(11, 100)))
+    with pytest.raises(NonFiniteLossError, match="5 non-finite steps in a row at step 15: training stopped"):
+        train(tiny_config(small_corpus, max_steps=40, save_every=4, max_nonfinite=5), tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run", prefer="last", train_state=True)
+    assert last.meta["step"] == 8  # the last save before the NaNs began
+    assert all(torch.isfinite(v).all() for v in last.model_state.values())
+
+
+def test_save_is_atomic_even_when_the_target_exists(tmp_path):
+    from wordlm.config import Config
+    from wordlm.tokenizer import WordTokenizer
+
+    tok = WordTokenizer.fit(["a"])
+    for i in range(3):
+        save_checkpoint(tmp_path / "last", model_state={"embedding.weight": torch.zeros(3, 2)}, config=Config(),
+                        tokenizer=tok, info={"step": i})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert load_checkpoint(tmp_path / "last").meta["step"] == 2
