@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
 from wordlm.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from wordlm.errors import CheckpointError, ConfigError, NonFiniteLossError, RunLockedError
 from wordlm.model import LSTMLanguageModel
 from wordlm.train import RunLock, train
+
+from conftest import tiny_config
 
 TIMING = ("tokens_per_s", "elapsed_s")
 

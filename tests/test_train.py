@@ -5,13 +5,14 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_config, write_lines
 
 from wordlm.checkpoint import load_checkpoint
 from wordlm.config import Config, TrainConfig
 from wordlm.data import Streams
 from wordlm.errors import ConfigError, TrainingInterrupted
 from wordlm.train import Schedule, train
+
+from conftest import tiny_config, write_lines
 
 TIMING = ("tokens_per_s", "elapsed_s")
 

@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
@@ -111,18 +112,61 @@ class LanguageModel:
             yield out
 
     def predict(self, prompt: str, k: int = 10) -> list[dict]:
-        """The k most likely next tokens after `prompt` (never <unk>), most likely first."""
+        """The k most likely next words after `prompt`, most likely first (<unk> left out).
+
+        Word tokenizer: exact next-token probabilities. Sentencepiece: whole words assembled from pieces by a
+        beam search (a word ends where the next piece starts a new word or the line ends); each probability
+        sums the paths the beam found, so it is a lower bound. Char tokenizer: single characters.
+        """
         if k < 1:
             raise UsageError(f"-k must be >= 1, got {k}")
-        logp, _ = read_context(self.model, self.context_ids(prompt, allow_empty=True))
+        logp, state = read_context(self.model, self.context_ids(prompt, allow_empty=True))
+        if self.tokenizer.kind == "sentencepiece":
+            return self._predict_words(logp, state, k)
         logp = logp.clone()
         logp[self.tokenizer.unk_id] = -math.inf
         top = torch.topk(logp, min(k, logp.numel() - 1))
         out = []
         for lp, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             word = "<eos>" if i == self.tokenizer.eos_id else self.tokenizer.token_text(i)
-            out.append({"word": word, "prob": math.exp(lp), "logprob": lp, "id": i})
+            out.append({"word": word, "prob": math.exp(lp), "logprob": lp})
         return out
+
+    @torch.no_grad()
+    def _predict_words(self, logp: torch.Tensor, state, k: int, max_pieces: int = 4) -> list[dict]:
+        tok, V = self.tokenizer, self.tokenizer.vocab_size
+        starts = torch.tensor([tok.token_text(i).startswith(" ") for i in range(V)], device=logp.device)
+        starts[tok.unk_id] = False
+        ends = starts.clone()  # the next token after a finished word begins a new word or ends the line
+        ends[tok.eos_id] = True
+        cont = ~starts
+        cont[tok.eos_id] = cont[tok.unk_id] = False
+        width = 2 * k
+        words: dict[str, float] = {}
+        # A beam entry: pieces so far, their log-probability, the next-token distribution, the LSTM state.
+        beam = [([], 0.0, logp, state)]
+        for depth in range(max_pieces):
+            cands = []
+            for pieces, lp, dist, st in beam:
+                if pieces:
+                    p_end = torch.logsumexp(dist.masked_fill(~ends, -math.inf), 0).item()
+                    word = tok.sp.decode(pieces)
+                    words[word] = float(np.logaddexp(words.get(word, -math.inf), lp + p_end))
+                allowed = starts if depth == 0 else cont
+                top = torch.topk(dist.masked_fill(~allowed, -math.inf), width)
+                cands += [(pieces + [i], lp + v, st) for v, i in zip(top.values.tolist(), top.indices.tolist(),
+                                                                    strict=True) if v > -math.inf]
+            cands = sorted(cands, key=lambda c: -c[1])[:width]
+            if not cands:
+                break
+            ids = torch.tensor([[c[0][-1] for c in cands]], device=self.device)
+            h = torch.cat([c[2][0] for c in cands], 1)
+            cst = torch.cat([c[2][1] for c in cands], 1)
+            logits, (h, cst) = self.model(ids, (h, cst))
+            dists = logits[0].float().log_softmax(-1)
+            beam = [(c[0], c[1], dists[j], (h[:, j:j + 1], cst[:, j:j + 1])) for j, c in enumerate(cands)]
+        best = sorted(words.items(), key=lambda kv: -kv[1])[:k]
+        return [{"word": w, "prob": math.exp(lp), "logprob": lp} for w, lp in best]
 
     @torch.no_grad()
     def score(self, sentences: list[str]) -> list[dict]:

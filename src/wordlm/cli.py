@@ -218,8 +218,10 @@ def predict(
     if json_:
         typer.echo(json.dumps(preds))
         return
-    if lm.tokenizer.kind != "word":
-        typer.echo(f"(candidates are single {lm.tokenizer.kind} tokens)")
+    if lm.tokenizer.kind == "char":
+        typer.echo("(candidates are single characters)")
+    elif lm.tokenizer.kind == "sentencepiece":
+        typer.echo("(whole words assembled from subword pieces by beam search; probabilities are lower bounds)")
     for rank, p in enumerate(preds, 1):
         typer.echo(f"{rank:>3}  {p['prob']:.4f}  {p['word']!s}")
 
@@ -288,3 +290,30 @@ def _history(path: Path) -> dict:
     return {"steps": recs[-1]["step"], "tokens": recs[-1].get("tokens", 0),
             "elapsed_s": max(r.get("elapsed_s", 0) for r in recs), "validations": len(valid),
             "best_valid_ppl": best["valid_ppl"], "best_step": best["step"]}
+
+
+@app.command()
+@_cli
+def plot(
+    run: Annotated[Path, typer.Argument(help="a run directory (with metrics.jsonl)")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: RUN/curves.png)")] = None,
+) -> None:
+    """A PNG of training and validation loss/perplexity against tokens seen and wall time."""
+    from .plot import plot_run
+
+    typer.echo(f"wrote {plot_run(run, out)}")
+
+
+@app.command()
+@_cli
+def export(
+    run: RunArg,
+    out: Annotated[Path, typer.Option(help="file to write, e.g. model.pt2")],
+) -> None:
+    """Write a standalone next-token step (torch.export) that runs without wordlm installed."""
+    from .api import LanguageModel
+    from .export import export_model
+
+    path = export_model(LanguageModel.load(run), out)
+    typer.echo(f"wrote {path} (load it with torch.export.load; see `python -c 'import wordlm.export; "
+               f"help(wordlm.export)'`)")

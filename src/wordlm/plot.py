@@ -1,0 +1,51 @@
+"""Training curves from metrics.jsonl as a PNG (matplotlib is an optional extra: pip install 'wordlm[plot]')."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist; give a run directory that `wordlm train` wrote")
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
+    """Loss against tokens seen and perplexity against wall time, train and validation, in one PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("wordlm plot needs matplotlib: pip install 'wordlm[plot]' (or pip install matplotlib)") \
+            from None
+    run = Path(run)
+    recs = read_metrics(run)
+    tr = [r for r in recs if r.get("event") == "train"]
+    va = [r for r in recs if r.get("event") == "valid"]
+    if not tr and not va:
+        raise UsageError(f"{run / 'metrics.jsonl'} has no train or valid records yet")
+    out = Path(out) if out else run / "curves.png"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    if tr:
+        ax1.plot([r["tokens"] for r in tr], [r["loss"] for r in tr], label="train", lw=1.2)
+        ax2.plot([r["elapsed_s"] for r in tr], [r["ppl"] for r in tr], label="train", lw=1.2)
+    if va:
+        ax1.plot([r["tokens"] for r in va], [r["valid_loss"] for r in va], "o-", label="valid", lw=1.5)
+        ax2.plot([r["elapsed_s"] for r in va], [r["valid_ppl"] for r in va], "o-", label="valid", lw=1.5)
+    ax1.set(xlabel="tokens seen", ylabel="loss (nats/token)", title="loss")
+    ax2.set(xlabel="wall time (s)", ylabel="perplexity", title="perplexity", yscale="log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(str(run))
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

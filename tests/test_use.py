@@ -1,0 +1,177 @@
+"""What users do with a trained model: predict, score, eval equality, plot, export, the Python API."""
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from wordlm import load
+from wordlm.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def lm(demo_run):
+    return load(demo_run)
+
+
+@pytest.mark.parametrize("context, answer", [
+    ("the network learns a pattern from left to", "right"),  # the grammar's only continuation
+    ("the model reads the word one word at a", "time"),
+    ("the layer stores the loss across time", "steps"),
+    ("first the deep recurrent neural", None),  # "network" or "model": both allowed, nothing else
+])
+def test_predict_ranks_the_grammatical_next_word_first(lm, context, answer):
+    preds = lm.predict(context, k=3)
+    if answer is None:
+        assert {preds[0]["word"], preds[1]["word"]} == {"network", "model"}
+        assert preds[0]["prob"] + preds[1]["prob"] > 0.9
+    else:
+        assert preds[0]["word"] == answer and preds[0]["prob"] > 0.5, preds
+    assert [p["prob"] for p in preds] == sorted((p["prob"] for p in preds), reverse=True)
+
+
+def test_predict_cli_json(demo_run):
+    prompt = "a model learns a pattern from left to"
+    r = CliRunner().invoke(app, ["predict", str(demo_run), "--prompt", prompt, "-k", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    preds = json.loads(r.output.strip().splitlines()[-1])
+    assert len(preds) == 4 and preds[0]["word"] == "right" and set(preds[0]) >= {"word", "prob"}
+
+
+def test_score_ranks_sentences_above_their_shuffles(lm):
+    rng = random.Random(0)
+    lines = [ln for ln in (ROOT / "data" / "tiny" / "test.txt").read_text().splitlines() if len(ln.split()) >= 5]
+    wins = total = 0
+    for sentence in lines[:30]:
+        words = sentence.split()
+        shuffles = set()
+        while len(shuffles) < 4:
+            s = words[:]
+            rng.shuffle(s)
+            if s != words:
+                shuffles.add(" ".join(s))
+        scored = lm.score([sentence, *shuffles])
+        wins += sum(scored[0]["logprob"] > s["logprob"] for s in scored[1:])
+        total += len(shuffles)
+    assert wins / total > 0.97, f"{wins}/{total}"
+
+
+def test_the_readme_sentence_pair(demo_run):
+    r = CliRunner().invoke(app, ["score", str(demo_run), "neural why recurrent need we network do",
+                                 "why do we need a recurrent neural network", "--json"])
+    ranked = json.loads(r.output.strip().splitlines()[-1])
+    assert ranked[0]["sentence"] == "why do we need a recurrent neural network"
+    assert ranked[0]["logprob"] > ranked[1]["logprob"] + 20
+    for item in ranked:
+        assert set(item) >= {"sentence", "logprob", "ppl", "tokens"}
+        assert item["tokens"][-1]["token"] == "<eos>"
+        assert len(item["tokens"]) == len(item["sentence"].split()) + 1
+        assert math.isclose(item["logprob"], sum(t["logprob"] for t in item["tokens"]), rel_tol=1e-9)
+
+
+def test_score_per_token_sum_equals_eval_total(lm, tmp_path):
+    sentence = "why do we need a recurrent neural network"
+    f = tmp_path / "one.txt"
+    f.write_text(sentence + "\n")
+    report = lm.evaluate(f, batch_size=1)
+    score = lm.score([sentence])[0]
+    assert report["tokens"] == len(score["tokens"]) == 9
+    assert report["total_nll"] == pytest.approx(-score["logprob"], rel=1e-5)
+
+
+def test_score_file_and_ranking(demo_run, tmp_path):
+    f = tmp_path / "s.txt"
+    f.write_text("network the need\nwhy do we need a recurrent neural network\n\n")
+    r = CliRunner().invoke(app, ["score", str(demo_run), "--file", str(f)])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0].endswith("why do we need a recurrent neural network")
+
+
+def test_generate_many_and_interactive(demo_run, lm):
+    samples = list(lm.generate_many("the", 8, seed=3, num_samples=3))
+    assert len(samples) == 8 and all(len(step) == 3 for step in samples)
+    r = CliRunner().invoke(app, ["generate", str(demo_run), "--interactive", "--max-tokens", "5", "--seed", "1"],
+                           input="why do we\nthe network\n")
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith(("why do we", "the network"))]
+    assert len(lines) == 2
+
+
+def test_info(demo_run):
+    r = CliRunner().invoke(app, ["info", str(demo_run), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output.strip().splitlines()[-1])
+    assert data["parameters"] == 150414 - 142 * 128 + 142 * 128  # tied: one matrix
+    assert data["vocab_size"] == 142 and data["validations"] >= 1 and data["best_valid_ppl"] < 20
+
+
+def test_plot_writes_a_non_blank_png(demo_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    out = tmp_path / "curves.png"
+    r = CliRunner().invoke(app, ["plot", str(demo_run), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    img = matplotlib.image.imread(out)
+    assert img.shape[0] >= 300 and img.shape[1] >= 600
+    assert img[..., :3].std() > 0.05  # curves and text, not a blank canvas
+
+
+def test_plot_without_metrics(tmp_path):
+    r = CliRunner().invoke(app, ["plot", str(tmp_path)])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "metrics.jsonl does not exist" in r.output
+
+
+EXPORTED = """
+import json, sys
+sys.modules["wordlm"] = None  # prove the file runs without the package
+import torch
+files = {"tokenizer.json": "", "wordlm.json": ""}
+step = torch.export.load(sys.argv[1], extra_files=files).module()
+meta, tok = json.loads(files["wordlm.json"]), json.loads(files["tokenizer.json"])
+stoi = {w: i for i, w in enumerate(tok["itos"])}
+ids = [meta["eos_id"]] + [stoi[w] for w in sys.argv[2].split()]
+h = c = torch.zeros(meta["num_layers"], 1, meta["hidden_size"])
+for i in ids:
+    logprobs, h, c = step(torch.tensor([[i]]), h, c)
+print(json.dumps(logprobs[0].tolist()))
+"""
+
+
+def test_exported_model_matches_without_wordlm(demo_run, lm, tmp_path):
+    out = tmp_path / "demo.pt2"
+    r = CliRunner().invoke(app, ["export", str(demo_run), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    script = tmp_path / "run_exported.py"
+    script.write_text(EXPORTED)
+    prompt = "why do we need a recurrent"
+    proc = subprocess.run([sys.executable, str(script), str(out), prompt], capture_output=True, text=True,
+                          check=True, cwd=tmp_path)
+    exported = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    from wordlm.generate import read_context
+
+    original, _ = read_context(lm.model, lm.context_ids(prompt))
+    torch.testing.assert_close(exported, original, atol=1e-5, rtol=0)
+
+
+def test_sentencepiece_predict_assembles_whole_words(tmp_path):
+    from wordlm.config import load_config
+    from wordlm.train import train
+
+    cfg = load_config(ROOT / "configs" / "demo.toml", ["tokenizer.kind=sentencepiece", "tokenizer.vocab_size=120",
+                                                       "train.epochs=3"])
+    train(cfg, tmp_path / "sp")
+    sp = load(tmp_path / "sp")
+    preds = sp.predict("the network learns a pattern from left to", k=3)
+    assert preds[0]["word"] == "right" and preds[0]["prob"] > 0.5, preds
+    report = sp.evaluate(ROOT / "data" / "tiny" / "test.txt")
+    assert report["words"] > 0 and report["word_ppl"] > report["ppl"]  # fewer words than pieces
+    assert torch.isfinite(torch.tensor(report["word_ppl"]))
