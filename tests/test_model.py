@@ -51,3 +51,25 @@ def test_initialisation_range():
     m = make(init_range=0.05)
     assert max(p.abs().max().item() for p in m.parameters()) <= 0.05
     assert not m.decoder.bias.any()
+
+
+def test_adaptive_softmax_gives_exact_log_probabilities():
+    torch.manual_seed(0)
+    m = LSTMLanguageModel(300, ModelConfig(embedding_size=16, hidden_size=16, num_layers=1, decoder="adaptive",
+                                           adaptive_cutoffs=[20, 100, 5000])).eval()
+    assert m.adaptive is not None and m.adaptive.cutoffs == [20, 100, 300]  # 5000 >= vocabulary: dropped
+    ids, targets = torch.randint(0, 300, (6, 3)), torch.randint(0, 300, (6, 3))
+    logits, _ = m(ids)
+    torch.testing.assert_close(logits.exp().sum(-1), torch.ones(6, 3))  # a proper distribution
+    nll, _ = m.nll(ids, targets)
+    torch.testing.assert_close(nll, -logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+
+
+def test_adaptive_config_checks():
+    from wordlm.config import Config
+
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({"model": {"decoder": "adaptive", "tie_weights": True, "adaptive_cutoffs": [10, 5]}})
+    assert len(e.value.problems) == 2 and "increasing positive integers" in str(e.value)
+    with pytest.raises(ConfigError, match="model.adaptive_cutoffs must be a list of integers"):
+        Config.from_dict({"model": {"adaptive_cutoffs": "2000"}})

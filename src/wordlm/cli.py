@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -90,10 +91,14 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
     progress: Annotated[bool | None, typer.Option(help="progress bar (default: when stderr is a terminal)")]
     = None,
+    nproc: Annotated[int, typer.Option(min=1, help="data-parallel processes on this machine (runs torchrun)")] = 1,
 ) -> None:
     """Train a model: writes OUT/best/, OUT/last/, OUT/config.toml and OUT/metrics.jsonl."""
     from .config import load_config
     from .errors import ConfigError
+
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _torchrun(nproc)
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; choose one")
@@ -108,10 +113,29 @@ def train(
 
     result = run_training(cfg, out, resume=resume, overwrite=overwrite,
                           progress=sys.stderr.isatty() if progress is None else progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        return
     typer.echo(f"{result.stop_reason}: {result.steps} steps, {result.epochs_done:g} epochs, "
                f"{result.tokens:,} tokens in {result.elapsed_s:.1f}s")
     typer.echo(f"best validation: loss {result.best_valid_loss:.4f}, ppl {result.best_valid_ppl:.2f}")
     typer.echo(f"checkpoints: {out / 'best'}  {out / 'last'}")
+
+
+def _torchrun(nproc: int) -> None:
+    """Start this same command under torchrun with `nproc` processes, then exit with its code."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "wordlm", *args]
+    raise typer.Exit(subprocess.call(cmd))
 
 
 class Split(StrEnum):

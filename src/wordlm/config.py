@@ -20,6 +20,8 @@ from .errors import ConfigError
 
 def _opt(default: Any, help: str, **rules: Any) -> Any:
     """A config field: default, one-line help, and rules (min, max, min_excl, max_excl, choices)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **rules})
     return field(default=default, metadata={"help": help, **rules})
 
 
@@ -53,6 +55,12 @@ class ModelConfig:
     tie_weights: bool = _opt(False, "share the embedding and decoder matrix (needs embedding_size == hidden_size)")
     init_range: float = _opt(0.1, "weights start uniform in [-init_range, init_range] (Zaremba et al. 2014)",
                              min_excl=0.0)
+    decoder: str = _opt("full", "full softmax, or adaptive (Grave et al. 2017): frequent words in a small head, "
+                        "rare ones in cheaper tail clusters; much faster for large vocabularies",
+                        choices=("full", "adaptive"))
+    adaptive_cutoffs: list[int] = _opt([2000, 10000], "adaptive: word ranks where the head and each tail "
+                                       "cluster end (cutoffs at or past the vocabulary size are dropped)")
+    adaptive_div_value: float = _opt(4.0, "adaptive: each tail cluster's width is divided by this", min_excl=1.0)
 
 
 @dataclass
@@ -133,14 +141,18 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    return json.dumps(v)  # a JSON string is a valid TOML basic string
+    return json.dumps(v)  # a JSON string or list of numbers is valid TOML too
 
 
 def _type_name(t: type) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[t]
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(t, "a list of integers")
 
 
 def _coerce(value: Any, t: type) -> tuple[bool, Any]:
+    if t == list[int]:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return ok, list(value) if ok else value
     if t is bool:
         return isinstance(value, bool), value
     if t is int:
@@ -203,6 +215,13 @@ def validate(cfg: Config) -> list[str]:
     if m.tie_weights and m.embedding_size != m.hidden_size:
         problems.append(f"model.tie_weights needs model.embedding_size == model.hidden_size "
                         f"(got {m.embedding_size} and {m.hidden_size}); make them equal or set tie_weights = false")
+    if m.decoder == "adaptive":
+        if m.tie_weights:
+            problems.append("model.tie_weights is not available with model.decoder = \"adaptive\"; set one of them "
+                            "differently")
+        cuts = m.adaptive_cutoffs
+        if not cuts or any(c <= 0 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:], strict=False)):
+            problems.append(f"model.adaptive_cutoffs must be increasing positive integers, got {cuts!r}")
     if t.epochs == 0 and t.max_steps == 0:
         problems.append("train.epochs and train.max_steps are both 0: set at least one of them")
     if tok.kind == "sentencepiece" and tok.vocab_size < 8:

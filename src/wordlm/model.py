@@ -12,9 +12,11 @@ State = tuple[Tensor, Tensor]  # (h, c), each (num_layers, B, hidden_size)
 
 
 class LSTMLanguageModel(nn.Module):
-    """embedding -> dropout -> multi-layer nn.LSTM -> dropout -> linear decoder (optionally tied).
+    """embedding -> dropout -> multi-layer nn.LSTM -> dropout -> decoder.
 
-    Time-major throughout, as nn.LSTM and cuDNN prefer: ids are (T, B), logits (T, B, V).
+    The decoder is a linear layer over the whole vocabulary (optionally tied to the embedding), or an adaptive
+    softmax, whose "logits" are exact log-probabilities. Time-major throughout, as nn.LSTM and cuDNN prefer:
+    ids are (T, B), logits (T, B, V).
     """
 
     def __init__(self, vocab_size: int, cfg: ModelConfig):
@@ -30,7 +32,15 @@ class LSTMLanguageModel(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.lstm = nn.LSTM(cfg.embedding_size, cfg.hidden_size, cfg.num_layers,
                             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
-        self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
+        self.decoder: nn.Linear | None = None
+        self.adaptive: nn.AdaptiveLogSoftmaxWithLoss | None = None
+        if cfg.decoder == "adaptive":
+            cutoffs = [c for c in cfg.adaptive_cutoffs if c < vocab_size - 1]
+            if cutoffs:
+                self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_size, vocab_size, cutoffs,
+                                                              div_value=cfg.adaptive_div_value, head_bias=True)
+        if self.adaptive is None:  # full softmax (also when the vocabulary is smaller than the first cutoff)
+            self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
         self.reset_parameters()
         if cfg.tie_weights:
             # Press & Wolf 2017: one matrix both reads and writes words; saves V*H parameters and helps ppl.
@@ -41,25 +51,35 @@ class LSTMLanguageModel(nn.Module):
         r = self.cfg.init_range
         for p in self.parameters():
             nn.init.uniform_(p, -r, r)
-        nn.init.zeros_(self.decoder.bias)
+        if self.decoder is not None:
+            nn.init.zeros_(self.decoder.bias)
 
     def init_state(self, batch_size: int) -> State:
         """A zero state on the weights' device and dtype."""
-        w = self.decoder.weight
+        w = self.embedding.weight
         shape = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)
         return w.new_zeros(shape), w.new_zeros(shape)
 
-    def forward(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """ids (T, B) -> logits (T, B, V) and the LSTM state after the last step."""
-        x = self.drop(self.embedding(ids))  # (T, B, E)
-        out, state = self.lstm(x, state)  # (T, B, H)
-        return self.decoder(self.drop(out)), state  # (T, B, V)
+    def forward(self, ids: Tensor, state: State | None = None,
+                targets: Tensor | None = None) -> tuple[Tensor, State]:
+        """ids (T, B) -> logits (T, B, V), or with `targets` (T, B) the per-token NLL (T, B) in fp32; and the
+        LSTM state after the last step. (The loss lives in forward so DistributedDataParallel sees it.)"""
+        out, state = self.lstm(self.drop(self.embedding(ids)), state)  # (T, B, H)
+        out = self.drop(out)
+        if self.adaptive is not None:
+            if targets is not None:  # only the target's cluster is computed: the point of the adaptive softmax
+                logp = self.adaptive(out.flatten(0, 1), targets.flatten()).output
+                return -logp.float().view_as(targets), state
+            return self.adaptive.log_prob(out.flatten(0, 1)).view(*ids.shape, -1), state  # exact log-probs
+        logits = self.decoder(out)  # (T, B, V)
+        if targets is not None:
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            return nll.view_as(targets), state
+        return logits, state
 
     def nll(self, ids: Tensor, targets: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """Per-token negative log-likelihood (T, B) in fp32, and the carried state."""
-        logits, state = self(ids, state)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        return loss.view_as(targets), state
+        return self(ids, state, targets)
 
 
 def num_parameters(model: nn.Module) -> int:

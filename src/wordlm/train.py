@@ -10,6 +10,7 @@ default) one finiteness check per step, which costs nothing on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -20,7 +21,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -89,6 +90,7 @@ class TrainResult:
     elapsed_s: float
     stop_reason: str
     num_parameters: int
+    model: torch.nn.Module = field(repr=False, default=None)  # the trained model, as it is after the last step
 
 
 class RunLock:
@@ -140,14 +142,80 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+class Distributed:
+    """Data-parallel training across processes started by torchrun (gloo on the CPU, NCCL on GPUs).
+
+    Each rank reads its own contiguous 1/world of the training text as `batch_size` streams, gradients are
+    averaged by DistributedDataParallel, every rank validates the same weights on the same text (so every rank
+    takes the same schedule and patience decisions), and only rank 0 locks the run, logs and writes checkpoints.
+    """
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.started = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> torch.device:
+        if self.world == 1:
+            return device
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.started = True
+        return device
+
+    def stop(self) -> None:
+        if self.started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+    def any(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t)
+        return bool(t.item())
+
+    def gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
 def _has_run(out: Path) -> bool:
     names = ("last", "best", ".last.old", ".best.old", "metrics.jsonl")
     return any((out / n).exists() for n in names)
 
 
 class _Metrics:
-    def __init__(self, path: Path, keep_until_step: int | None):
-        self.path = path
+    def __init__(self, path: Path, keep_until_step: int | None, enabled: bool = True):
+        self.path, self.f = path, None
+        if not enabled:  # ranks other than 0 log nothing
+            return
         if keep_until_step is not None and path.exists():
             # Resuming: drop records the killed run wrote after its last checkpoint; they will be logged again.
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and self._step(ln) <= keep_until_step]
@@ -164,11 +232,13 @@ class _Metrics:
             return 1 << 62
 
     def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
+        if self.f is not None:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -199,32 +269,50 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     for what in ("train", "valid"):  # fail fast, before any slow work, on files that are not there
         check_text_file(getattr(cfg.data, what), f"data.{what}")
     tc = cfg.train
-    device = resolve_device(tc.device)
+    dist = Distributed()
+    device = dist.start(resolve_device(tc.device))
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
+    elif dist.world > 1 and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world))  # share the cores, do not fight
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
 
     out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out), _StopFlag() as stop:
-        # Everything that can fail on bad input happens before anything in `out` is replaced.
-        if ckpt is not None:
-            tokenizer = ckpt.tokenizer
-        else:
-            log.info("fitting the %s tokenizer on %s", cfg.tokenizer.kind, cfg.data.train)
-            tokenizer = fit_tokenizer(cfg.tokenizer, lambda: iter_lines(cfg.data.train, "data.train"))
-        cache = cfg.data.cache_dir or None
-        train_split = encode_file(cfg.data.train, tokenizer, cache, "data.train", progress)
-        valid_split = encode_file(cfg.data.valid, tokenizer, cache, "data.valid", progress)
-        train_streams = _streams(train_split.ids, tc.batch_size, device, "data.train", "train.batch_size")
-        valid_streams = _streams(valid_split.ids, tc.eval_batch_size, device, "data.valid",
-                                 "train.eval_batch_size")
+    try:
+        with RunLock(out) if dist.main else contextlib.nullcontext(), _StopFlag() as stop:
+            return _prepare_and_run(cfg, out, device, dist, ckpt, stop, overwrite, progress)
+    finally:
+        dist.stop()
+
+
+def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distributed, ckpt, stop: _StopFlag,
+                     overwrite: bool, progress: bool) -> TrainResult:
+    tc = cfg.train
+    # Everything that can fail on bad input happens before anything in `out` is replaced.
+    if ckpt is not None:
+        tokenizer = ckpt.tokenizer
+    else:
+        log.info("fitting the %s tokenizer on %s", cfg.tokenizer.kind, cfg.data.train)
+        tokenizer = fit_tokenizer(cfg.tokenizer, lambda: iter_lines(cfg.data.train, "data.train"))
+    cache = cfg.data.cache_dir or None
+    train_split = encode_file(cfg.data.train, tokenizer, cache, "data.train", progress)
+    valid_split = encode_file(cfg.data.valid, tokenizer, cache, "data.valid", progress)
+    ids = train_split.ids
+    if dist.world > 1:  # this rank's contiguous share of the text
+        n = (len(ids) - 1) // dist.world
+        ids = ids[dist.rank * n: dist.rank * n + n + 1]
+    train_streams = _streams(ids, tc.batch_size, device, "data.train", "train.batch_size")
+    valid_streams = _streams(valid_split.ids, tc.eval_batch_size, device, "data.valid",
+                             "train.eval_batch_size")
+    if dist.main:
         if overwrite and ckpt is None:
             for name in ("last", "best", ".last.old", ".best.old", ".last.tmp", ".best.tmp"):
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "config.toml").write_text(cfg.to_toml())
-        return _Loop(cfg, out, device, tokenizer, train_streams, valid_streams, ckpt, stop, progress).run()
+    return _Loop(cfg, out, device, dist, tokenizer, train_streams, valid_streams, ckpt, stop,
+                 progress and dist.main).run()
 
 
 def _streams(ids, batch_size, device, what, knob) -> Streams:
@@ -248,13 +336,19 @@ def _warn_train_changes(new: Config, old: Config) -> None:
 
 
 class _Loop:
-    def __init__(self, cfg: Config, out: Path, device: torch.device, tokenizer: Tokenizer, train_streams: Streams,
-                 valid_streams: Streams, ckpt, stop: _StopFlag, progress: bool):
-        self.cfg, self.tc, self.out, self.device = cfg, cfg.train, out, device
+    def __init__(self, cfg: Config, out: Path, device: torch.device, dist: Distributed, tokenizer: Tokenizer,
+                 train_streams: Streams, valid_streams: Streams, ckpt, stop: _StopFlag, progress: bool):
+        self.cfg, self.tc, self.out, self.device, self.dist = cfg, cfg.train, out, device, dist
         self.tokenizer, self.train_streams, self.valid_streams = tokenizer, train_streams, valid_streams
         self.stop, self.progress = stop, progress
         tc = self.tc
         self.model = build_model(cfg.model, tokenizer.vocab_size, device)
+        self.forward = self.model  # what the step calls: the model, or its DistributedDataParallel wrapper
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
+            torch.manual_seed(tc.seed + dist.rank)  # same initial weights (broadcast), different dropout masks
         params = list(self.model.parameters())
         if tc.optimizer == "sgd":
             self.opt = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
@@ -270,7 +364,7 @@ class _Loop:
         self.state = self.model.init_state(tc.batch_size)
         if ckpt is not None:
             self._restore(ckpt)
-        self.metrics = _Metrics(out / "metrics.jsonl", self.step if ckpt is not None else None)
+        self.metrics = _Metrics(out / "metrics.jsonl", self.step if ckpt is not None else None, dist.main)
 
     # --- state ---------------------------------------------------------------------------------------------
     def _train_state(self) -> dict:
@@ -283,6 +377,9 @@ class _Loop:
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "rng_python": random.getstate(),
+            # Every rank's own LSTM state and RNG, so a data-parallel run resumes exactly too.
+            "ranks": self.dist.gather({"lstm_h": self.state[0].detach().cpu(), "lstm_c": self.state[1].detach().cpu(),
+                                       "rng_torch": torch.get_rng_state()}) if self.dist.world > 1 else [],
         }
 
     def _restore(self, ckpt) -> None:
@@ -294,6 +391,14 @@ class _Loop:
         self.elapsed, self.best, self.bad_evals = ts["elapsed_s"], ts["best_valid_loss"], ts["bad_evals"]
         self.nonfinite_total, self.last_eval_step = ts["nonfinite_total"], ts["last_eval_step"]
         h, c = ts["lstm_h"], ts["lstm_c"]
+        own = ts.get("ranks") or []
+        if self.dist.world > 1:
+            if len(own) == self.dist.world:
+                h, c = own[self.dist.rank]["lstm_h"], own[self.dist.rank]["lstm_c"]
+                ts = {**ts, "rng_torch": own[self.dist.rank]["rng_torch"]}
+            else:
+                log.warning("resume: the run had %d processes, now %d; data-parallel RNG and LSTM states restart",
+                            max(1, len(own)), self.dist.world)
         if h.shape[1] != self.tc.batch_size:
             log.warning("resume: train.batch_size changed (%d -> %d); the carried LSTM state starts from zero",
                         h.shape[1], self.tc.batch_size)
@@ -307,8 +412,11 @@ class _Loop:
 
     def _save(self, name: str, valid_loss: float | None = None) -> None:
         full = name == "last"
+        train_state = self._train_state() if full else None  # a collective under DDP: every rank takes part
+        if not self.dist.main:
+            return
         save_checkpoint(self.out / name, model_state=self.model.state_dict(), config=self.cfg,
-                        tokenizer=self.tokenizer, train_state=self._train_state() if full else None,
+                        tokenizer=self.tokenizer, train_state=train_state,
                         info={"step": self.step, "epoch": self.epoch, "tokens": self.tokens,
                               "valid_loss": valid_loss if valid_loss is not None else self.best,
                               "num_parameters": num_parameters(self.model)})
@@ -373,14 +481,14 @@ class _Loop:
                 x, y = self.train_streams.window(self.row, tc.seq_len)
                 state = detach_state(self.state)
                 with autocast(self.device, tc.precision):
-                    nll, state = model.nll(x, y, state)
+                    nll, state = self.forward(x, state, y)
                 loss = nll.mean()
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(params, tc.clip if tc.clip > 0 else math.inf)
                 self.step += 1
                 self.row += x.shape[0]
-                self.tokens += x.numel()
+                self.tokens += x.numel() * self.dist.world
                 if tc.skip_nonfinite and not bool(torch.isfinite(loss.detach() + gnorm)):
                     nonfinite_run += 1
                     self.nonfinite_total += 1
@@ -403,7 +511,7 @@ class _Loop:
                 bar.update(1)
                 if self.step % tc.log_every == 0 and run_count:
                     now = time.perf_counter()
-                    train_loss = run_loss.item() / run_count  # the log-interval host sync
+                    train_loss = self.dist.mean(run_loss).item() / run_count  # the log-interval host sync
                     tok_s = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
                     self.elapsed += now - t_mark
                     t_mark = now
@@ -424,11 +532,16 @@ class _Loop:
                         break
                 elif tc.save_every and self.step % tc.save_every == 0 and nonfinite_run == 0:
                     self._save("last")
-                if self.stop.signum is not None:
+                stopping = self.stop.signum is not None
+                if self.dist.world > 1 and self.step % tc.log_every == 0:
+                    stopping = self.dist.any(stopping)  # all ranks stop at the same step
+                elif self.dist.world > 1:
+                    stopping = False
+                if stopping:
                     self.elapsed += time.perf_counter() - t_mark
                     t_mark = time.perf_counter()
                     self._save("last")
-                    name = signal.Signals(self.stop.signum).name
+                    name = signal.Signals(self.stop.signum or signal.SIGTERM).name
                     raise TrainingInterrupted(f"stopped by {name} at step {self.step}; {self.out / 'last'} saved; "
                                               f"continue with: wordlm train --out {self.out} --resume")
             self.elapsed += time.perf_counter() - t_mark
@@ -439,7 +552,7 @@ class _Loop:
             bar.close()
             self.metrics.close()
         return TrainResult(self.out, self.step, self._epoch_float(), self.tokens, self.best, _ppl(self.best),
-                           self.elapsed, stop_reason, num_parameters(model))
+                           self.elapsed, stop_reason, num_parameters(model), model)
 
     def _patience_exhausted(self) -> bool:
         return bool(self.tc.patience) and self.bad_evals >= self.tc.patience

@@ -1,0 +1,61 @@
+"""Two-process data-parallel training on the CPU (gloo), as torchrun starts it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from wordlm.checkpoint import load_checkpoint
+
+from conftest import tiny_config
+
+HERE = Path(__file__).resolve().parent
+
+
+def torchrun(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_two_process_gloo_training_agrees_and_writes_one_checkpoint(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, epochs=2, log_every=5)
+    cfg.model.dropout = 0.1  # different masks per rank; the weights must still agree
+    path = tmp_path / "tiny.toml"
+    path.write_text(cfg.to_toml())
+    out = tmp_path / "run"
+    proc = torchrun(HERE / "ddp_worker.py", path, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = json.loads((out / "ddp_check.json").read_text())
+    assert check == {"world": 2, "same_weights": True, "steps": check["steps"], "tokens": check["tokens"]}
+    # Each rank read half of the text as 4 streams: half the steps of one process, all the tokens counted.
+    single = tiny_config(small_corpus, epochs=2)
+    from wordlm.train import train
+
+    one = train(single, tmp_path / "one")
+    assert abs(check["steps"] - one.steps / 2) <= 1
+    assert abs(check["tokens"] - one.tokens) <= 2 * 4 * 8
+    # Only rank 0 wrote: one best/, one last/, one metrics file with one record per event.
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "best", "config.toml", "ddp_check.json", "last",
+                                                      "metrics.jsonl"]
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs if r["event"] == "train"]
+    assert steps == sorted(set(steps))
+    weights = load_checkpoint(out, prefer="last").model_state
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nproc_flag_wraps_torchrun(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, max_steps=6)
+    path = tmp_path / "tiny.toml"
+    path.write_text(cfg.to_toml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "wordlm", "train", "--config", str(path), "--out",
+                           str(tmp_path / "run"), "--nproc", "2"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished: 6 steps") == 1
+    assert load_checkpoint(tmp_path / "run", prefer="last").meta["step"] == 6
