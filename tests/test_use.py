@@ -175,3 +175,30 @@ def test_sentencepiece_predict_assembles_whole_words(tmp_path):
     report = sp.evaluate(ROOT / "data" / "tiny" / "test.txt")
     assert report["words"] > 0 and report["word_ppl"] > report["ppl"]  # fewer words than pieces
     assert torch.isfinite(torch.tensor(report["word_ppl"]))
+
+
+def test_dynamic_evaluation_with_lr_0_equals_static_exactly(lm):
+    from wordlm.data import Streams, encode_file
+    from wordlm.evaluate import dynamic_total_nll, gradient_ms, total_nll
+
+    split = encode_file(ROOT / "data" / "tiny" / "valid.txt", lm.tokenizer)
+    streams = Streams(split.ids, 1)
+    ms = gradient_ms(lm.model, streams, 5, windows=20)
+    static = total_nll(lm.model, streams, 5)
+    before = [p.detach().clone() for p in lm.model.parameters()]
+    assert dynamic_total_nll(lm.model, streams, 5, lr=0.0, decay=0.0, ms=ms) == static
+    assert dynamic_total_nll(lm.model, streams, 5, lr=0.0, decay=0.5, ms=ms) == static  # theta stays theta0
+    tiny = dynamic_total_nll(lm.model, streams, 5, lr=1e-9, decay=0.0, ms=ms)
+    assert tiny[0] == pytest.approx(static[0], rel=1e-6)  # the adapting path scores like the static one
+    adapted = dynamic_total_nll(lm.model, streams, 5, lr=1e-3, decay=0.0, ms=ms)
+    assert adapted[0] != static[0]
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))  # restored
+
+
+def test_dynamic_evaluation_cli_chooses_by_grid(demo_run):
+    r = CliRunner().invoke(app, ["eval", str(demo_run), "--split", "test", "--dynamic", "--dyn-lambda", "0",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert len(out["dynamic"]["grid"]) == 4 and out["dynamic"]["decay"] == 0
+    assert out["dynamic"]["lr"] == min(out["dynamic"]["grid"], key=lambda g: g["ppl"])["lr"]

@@ -64,16 +64,58 @@ class LanguageModel:
         return [self.tokenizer.eos_id, *ids]
 
     # --- uses ----------------------------------------------------------------------------------------------
-    def evaluate(self, path: str | Path, batch_size: int = 10, seq_len: int = 70) -> dict:
-        """Loss, perplexity, bits per token on a text file, the state carried through the whole text."""
+    def _streams(self, path: str | Path, batch_size: int):
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         split = encode_file(path, self.tokenizer, self.config.data.cache_dir or None, what=str(path))
-        streams = Streams(split.ids, batch_size, self.device)
+        return split, Streams(split.ids, batch_size, self.device)
+
+    def evaluate(self, path: str | Path, batch_size: int = 10, seq_len: int = 70) -> dict:
+        """Loss, perplexity, bits per token on a text file, the state carried through the whole text."""
+        split, streams = self._streams(path, batch_size)
         nll, n = total_nll(self.model, streams, seq_len, self.config.train.precision)
         out = report(nll, n, split, subword=self.tokenizer.kind != "word")
         out["total_nll"] = nll
         return out
+
+    def evaluate_dynamic(self, path: str | Path, lr: float | None = None, decay: float | None = None,
+                         batch_size: int = 1, seq_len: int = 5, grid_on: str | Path | None = None,
+                         grid_tokens: int = 20000, ms_windows: int = 500) -> dict:
+        """Dynamic evaluation (Krause et al. 2018): the weights adapt to `path` as it is read.
+
+        With `grid_on` (a validation text), lr and decay are chosen on its first `grid_tokens` tokens from a
+        small grid (values given explicitly are kept fixed). The gradient scale comes from `ms_windows` windows
+        of the training text (or the validation text when the training text is not there).
+        """
+        from .evaluate import dynamic_total_nll, gradient_ms
+
+        ms_path = self.config.data.train if Path(self.config.data.train or "/nonexistent").is_file() else grid_on
+        if ms_path is None:
+            raise UsageError("dynamic evaluation needs the training text (data.train) or a validation text")
+        _, ms_streams = self._streams(ms_path, batch_size)
+        ms = gradient_ms(self.model, ms_streams, seq_len, ms_windows)
+        chosen = {"lr": lr, "decay": decay}
+        grid = []
+        if grid_on is not None and (lr is None or decay is None):
+            split, streams = self._streams(grid_on, batch_size)
+            ids = split.ids[: grid_tokens + 1]
+            streams = Streams(ids, batch_size, self.device)
+            lrs = [lr] if lr is not None else [3e-5, 1e-4, 3e-4, 1e-3]
+            decays = [decay] if decay is not None else [0.0, 1e-3, 1e-2]
+            for a in lrs:
+                for d in decays:
+                    nll, n = dynamic_total_nll(self.model, streams, seq_len, a, d, ms)
+                    grid.append({"lr": a, "decay": d, "ppl": math.exp(nll / n)})
+            best = min(grid, key=lambda g: g["ppl"])
+            chosen = {"lr": best["lr"], "decay": best["decay"]}
+        if chosen["lr"] is None or chosen["decay"] is None:
+            raise UsageError("give --dyn-lr and --dyn-lambda, or let the grid search choose them on the "
+                             "validation split")
+        split, streams = self._streams(path, batch_size)
+        nll, n = dynamic_total_nll(self.model, streams, seq_len, chosen["lr"], chosen["decay"], ms)
+        out = report(nll, n, split, subword=self.tokenizer.kind != "word")
+        return {**out, "total_nll": nll, "dynamic": {**chosen, "batch_size": batch_size, "seq_len": seq_len,
+                                                     "grid": grid}}
 
     def generate(self, prompt: str, max_tokens: int = 50, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:

@@ -152,6 +152,13 @@ def eval_(
     batch_size: Annotated[int, typer.Option(min=1, help="parallel streams; 1 gives every token full context")]
     = 10,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+    dynamic: Annotated[bool, typer.Option(help="dynamic evaluation: adapt the weights to the text as it is read "
+                                          "(Krause et al. 2018)")] = False,
+    dyn_lr: Annotated[float | None, typer.Option(min=0.0, help="dynamic: step size (default: grid search on "
+                                                 "the valid split)")] = None,
+    dyn_lambda: Annotated[float | None, typer.Option(min=0.0, help="dynamic: decay toward the trained weights "
+                                                     "(default: grid search)")] = None,
+    dyn_seq_len: Annotated[int, typer.Option(min=1, help="dynamic: tokens per update")] = 5,
 ) -> None:
     """Loss (nats/token), perplexity and bits per token, the LSTM state carried through the whole text."""
     from .api import LanguageModel
@@ -161,7 +168,12 @@ def eval_(
     path = data if data is not None else getattr(lm.config.data, split.value)
     if not path:
         raise DataError(f"the run's config has no data.{split.value} path; pass --data FILE")
-    r = lm.evaluate(path, batch_size=batch_size, seq_len=lm.config.train.seq_len)
+    if dynamic:
+        grid_on = lm.config.data.valid if (dyn_lr is None or dyn_lambda is None) else None
+        r = lm.evaluate_dynamic(path, dyn_lr, dyn_lambda, batch_size=batch_size, seq_len=dyn_seq_len,
+                                grid_on=grid_on)
+    else:
+        r = lm.evaluate(path, batch_size=batch_size, seq_len=lm.config.train.seq_len)
     r = {"checkpoint": str(lm.path), "data": str(path), **r}
     if json_:
         typer.echo(json.dumps(r))
@@ -171,6 +183,10 @@ def eval_(
                f"bits        {r['bits_per_token']:.4f} per token\ntokens      {r['tokens']:,}")
     if "word_ppl" in r:
         typer.echo(f"words       {r['words']:,}\nword ppl    {r['word_ppl']:.2f}")
+    if "dynamic" in r:
+        d = r["dynamic"]
+        typer.echo(f"dynamic     lr {d['lr']:g}, lambda {d['decay']:g}, {d['seq_len']} tokens per update"
+                   + (f" (chosen on the valid split from {len(d['grid'])} settings)" if d["grid"] else ""))
 
 
 @app.command()

@@ -49,3 +49,66 @@ def report(nll: float, targets: int, split: EncodedSplit | None = None, subword:
         out["words"] = split.words
         out["word_ppl"] = math.exp(total_for_split / split.words)
     return out
+
+
+def gradient_ms(model: LSTMLanguageModel, streams: Streams, seq_len: int, windows: int = 200) -> list[torch.Tensor]:
+    """Mean squared gradient of every parameter over the first `windows` windows of `streams`: the scale that
+    dynamic evaluation divides its updates by (Krause et al. 2018, "RMS with a global prior")."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    ms = [torch.zeros_like(p) for p in params]
+    was_training = model.training
+    model.eval()
+    state = model.init_state(streams.batch_size)
+    n = 0
+    for row in range(0, streams.rows - 1, seq_len):
+        if n == windows:
+            break
+        x, y = streams.window(row, seq_len)
+        nll, state = model(x, (state[0].detach(), state[1].detach()), y)
+        grads = torch.autograd.grad(nll.mean(), params)
+        for m, g in zip(ms, grads, strict=True):
+            m += g * g
+        n += 1
+    model.train(was_training)
+    return [m / max(n, 1) for m in ms]
+
+
+def dynamic_total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int, lr: float, decay: float,
+                      ms: list[torch.Tensor], eps: float = 1e-5) -> tuple[float, int]:
+    """Like `total_nll`, but the weights adapt to the text as it is read (dynamic evaluation).
+
+    Each window is scored first, then one step is taken on its loss:
+        theta <- theta - lr * g / (sqrt(MS) + eps) + min(1, decay * rms / mean(rms)) * (theta0 - theta)
+    where rms = sqrt(MS) from `gradient_ms` on training text, and theta0 are the trained weights: updates are
+    RMS-normalised, and a decay proportional to each weight's gradient scale pulls it back to the trained value.
+    The model's weights are restored afterwards. With lr = 0 this is exactly static evaluation.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    theta0 = [p.detach().clone() for p in params]
+    rms = [m.sqrt() for m in ms]
+    mean_rms = torch.cat([r.flatten() for r in rms]).mean()
+    pull = [torch.clamp(decay * r / mean_rms, max=1.0) for r in rms]
+    was_training = model.training
+    model.eval()
+    state = model.init_state(streams.batch_size)
+    total = torch.zeros((), dtype=torch.float64, device=theta0[0].device)
+    adapt = lr > 0  # with lr 0 the weights never leave theta0 (the decay pulls toward where they are)
+    try:
+        for row in range(0, streams.rows - 1, seq_len):
+            x, y = streams.window(row, seq_len)
+            with torch.set_grad_enabled(adapt):
+                nll, state = model(x, (state[0].detach(), state[1].detach()), y)
+            total += nll.detach().sum(dtype=torch.float64)
+            if not adapt:
+                continue
+            grads = torch.autograd.grad(nll.mean(), params)
+            with torch.no_grad():
+                for p, g, r, k, p0 in zip(params, grads, rms, pull, theta0, strict=True):
+                    p.add_(g / (r + eps), alpha=-lr)
+                    p.add_(k * (p0 - p))
+    finally:
+        with torch.no_grad():
+            for p, p0 in zip(params, theta0, strict=True):
+                p.copy_(p0)
+        model.train(was_training)
+    return total.item(), streams.targets
