@@ -138,6 +138,34 @@ def _torchrun(nproc: int) -> None:
     raise typer.Exit(subprocess.call(cmd))
 
 
+@app.command()
+@_cli
+def finetune(
+    run: RunArg,
+    out: Annotated[Path, typer.Option(help="run directory for the finetuned model")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key of the run's config")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
+    progress: Annotated[bool | None, typer.Option(help="progress bar (default: when stderr is a terminal)")]
+    = None,
+) -> None:
+    """Continue from a run's best weights with a fresh NT-ASGD that averages from the first step (AWD-LSTM)."""
+    from .checkpoint import load_checkpoint
+    from .config import Config, parse_override
+    from .train import train as run_training
+
+    ck = load_checkpoint(run)
+    raw = ck.config.to_dict()
+    raw["train"].update(optimizer="ntasgd", average_from_start=True, schedule="constant")
+    for item in set_ or []:
+        section, name, value = parse_override(item)
+        raw.setdefault(section, {})[name] = value
+    cfg = Config.from_dict(raw)
+    result = run_training(cfg, out, overwrite=overwrite, init_from=ck.path,
+                          progress=sys.stderr.isatty() if progress is None else progress)
+    typer.echo(f"{result.stop_reason}: {result.steps} steps; best validation ppl {result.best_valid_ppl:.2f}")
+    typer.echo(f"checkpoints: {out / 'best'}  {out / 'last'}")
+
+
 class Split(StrEnum):
     valid = "valid"
     test = "test"

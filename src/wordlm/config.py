@@ -55,6 +55,17 @@ class ModelConfig:
     tie_weights: bool = _opt(False, "share the embedding and decoder matrix (needs embedding_size == hidden_size)")
     init_range: float = _opt(0.1, "weights start uniform in [-init_range, init_range] (Zaremba et al. 2014)",
                              min_excl=0.0)
+    proj_size: int = _opt(0, "LSTM output projection (nn.LSTM proj_size); tying then needs embedding_size == "
+                          "proj_size (0 = no projection)", min=0)
+    dropout_embedding: float = _opt(0.0, "AWD-LSTM: drop whole word rows of the embedding matrix", min=0.0,
+                                    max_excl=1.0)
+    dropout_input: float = _opt(0.0, "AWD-LSTM: variational (locked) dropout on the embeddings", min=0.0,
+                                max_excl=1.0)
+    dropout_hidden: float = _opt(0.0, "AWD-LSTM: variational dropout between LSTM layers", min=0.0, max_excl=1.0)
+    dropout_output: float = _opt(0.0, "AWD-LSTM: variational dropout on the last LSTM output", min=0.0,
+                                 max_excl=1.0)
+    weight_drop: float = _opt(0.0, "AWD-LSTM: DropConnect on the hidden-to-hidden matrices", min=0.0,
+                              max_excl=1.0)
     decoder: str = _opt("full", "full softmax, or adaptive (Grave et al. 2017): frequent words in a small head, "
                         "rare ones in cheaper tail clusters; much faster for large vocabularies",
                         choices=("full", "adaptive"))
@@ -67,7 +78,15 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = _opt(20, "parallel token streams per step", min=1)
     seq_len: int = _opt(35, "truncated-BPTT window length (tokens)", min=1)
-    optimizer: str = _opt("sgd", "sgd or adamw", choices=("sgd", "adamw"))
+    optimizer: str = _opt("sgd", "sgd, adamw, or ntasgd (SGD, then iterate averaging once validation stops "
+                          "improving: AWD-LSTM's NT-ASGD)", choices=("sgd", "adamw", "ntasgd"))
+    nonmono: int = _opt(5, "ntasgd: start averaging when validation is worse than the best of all but the last "
+                        "nonmono validations", min=1)
+    average_from_start: bool = _opt(False, "ntasgd: average from the first step (finetuning)")
+    ar_alpha: float = _opt(0.0, "activation regularisation: alpha * mean(dropped last-layer output^2)", min=0.0)
+    tar_beta: float = _opt(0.0, "temporal activation regularisation: beta * mean((h_t - h_{t-1})^2)", min=0.0)
+    variable_bptt: bool = _opt(False, "draw each window's length around seq_len (AWD-LSTM), lr scaled by "
+                               "length / seq_len")
     lr: float = _opt(1.0, "peak learning rate", min_excl=0.0)
     momentum: float = _opt(0.0, "SGD momentum", min=0.0, max_excl=1.0)
     weight_decay: float = _opt(0.0, "L2 (sgd) or decoupled (adamw) weight decay", min=0.0)
@@ -212,9 +231,14 @@ def validate(cfg: Config) -> list[str]:
             if "max_excl" in m and v >= m["max_excl"]:
                 problems.append(f"{key} must be < {m['max_excl']}, got {v!r}")
     m, t, tok = cfg.model, cfg.train, cfg.tokenizer
-    if m.tie_weights and m.embedding_size != m.hidden_size:
-        problems.append(f"model.tie_weights needs model.embedding_size == model.hidden_size "
-                        f"(got {m.embedding_size} and {m.hidden_size}); make them equal or set tie_weights = false")
+    out_size = m.proj_size or m.hidden_size
+    if m.tie_weights and m.embedding_size != out_size:
+        which = "model.proj_size" if m.proj_size else "model.hidden_size"
+        problems.append(f"model.tie_weights needs model.embedding_size == {which} "
+                        f"(got {m.embedding_size} and {out_size}); make them equal or set tie_weights = false")
+    if m.proj_size and m.proj_size >= m.hidden_size:
+        problems.append(f"model.proj_size must be smaller than model.hidden_size ({m.hidden_size}), "
+                        f"got {m.proj_size}")
     if m.decoder == "adaptive":
         if m.tie_weights:
             problems.append("model.tie_weights is not available with model.decoder = \"adaptive\"; set one of them "

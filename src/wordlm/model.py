@@ -21,26 +21,39 @@ class LSTMLanguageModel(nn.Module):
 
     def __init__(self, vocab_size: int, cfg: ModelConfig):
         super().__init__()
-        if cfg.tie_weights and cfg.embedding_size != cfg.hidden_size:
+        out_size = cfg.proj_size or cfg.hidden_size
+        if cfg.tie_weights and cfg.embedding_size != out_size:
             from .errors import ConfigError
 
             raise ConfigError(f"model.tie_weights needs model.embedding_size == model.hidden_size "
-                              f"(got {cfg.embedding_size} and {cfg.hidden_size})")
+                              f"(got {cfg.embedding_size} and {out_size})")
         self.cfg = cfg
         self.vocab_size = vocab_size
+        self.out_size = out_size
         self.embedding = nn.Embedding(vocab_size, cfg.embedding_size)
         self.drop = nn.Dropout(cfg.dropout)
-        self.lstm = nn.LSTM(cfg.embedding_size, cfg.hidden_size, cfg.num_layers,
-                            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+        # One fused multi-layer nn.LSTM, unless something must happen between layers (variational dropout) or
+        # to a layer's weights (weight drop): then one single-layer nn.LSTM per layer, same state layout.
+        self.layered = cfg.dropout_hidden > 0 or cfg.weight_drop > 0
+        if self.layered:
+            self.lstm = None
+            self.layers = nn.ModuleList(
+                nn.LSTM(cfg.embedding_size if i == 0 else out_size, cfg.hidden_size, 1, proj_size=cfg.proj_size)
+                for i in range(cfg.num_layers))
+        else:
+            self.lstm = nn.LSTM(cfg.embedding_size, cfg.hidden_size, cfg.num_layers,
+                                dropout=cfg.dropout if cfg.num_layers > 1 else 0.0, proj_size=cfg.proj_size)
+        self.ar_alpha = self.tar_beta = 0.0  # set by the training loop; AR/TAR terms land in self.reg_loss
+        self.reg_loss: Tensor | None = None
         self.decoder: nn.Linear | None = None
         self.adaptive: nn.AdaptiveLogSoftmaxWithLoss | None = None
         if cfg.decoder == "adaptive":
             cutoffs = [c for c in cfg.adaptive_cutoffs if c < vocab_size - 1]
             if cutoffs:
-                self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_size, vocab_size, cutoffs,
+                self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(out_size, vocab_size, cutoffs,
                                                               div_value=cfg.adaptive_div_value, head_bias=True)
         if self.adaptive is None:  # full softmax (also when the vocabulary is smaller than the first cutoff)
-            self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
+            self.decoder = nn.Linear(out_size, vocab_size)
         self.reset_parameters()
         if cfg.tie_weights:
             # Press & Wolf 2017: one matrix both reads and writes words; saves V*H parameters and helps ppl.
@@ -56,16 +69,22 @@ class LSTMLanguageModel(nn.Module):
 
     def init_state(self, batch_size: int) -> State:
         """A zero state on the weights' device and dtype."""
-        w = self.embedding.weight
-        shape = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)
-        return w.new_zeros(shape), w.new_zeros(shape)
+        w, L = self.embedding.weight, self.cfg.num_layers
+        return w.new_zeros(L, batch_size, self.out_size), w.new_zeros(L, batch_size, self.cfg.hidden_size)
 
     def forward(self, ids: Tensor, state: State | None = None,
                 targets: Tensor | None = None) -> tuple[Tensor, State]:
         """ids (T, B) -> logits (T, B, V), or with `targets` (T, B) the per-token NLL (T, B) in fp32; and the
         LSTM state after the last step. (The loss lives in forward so DistributedDataParallel sees it.)"""
-        out, state = self.lstm(self.drop(self.embedding(ids)), state)  # (T, B, H)
-        out = self.drop(out)
+        x = self.drop(self._embed(ids))  # (T, B, E)
+        x = locked_dropout(x, self.cfg.dropout_input, self.training)
+        raw, state = self._lstm(x, state)  # (T, B, H or proj_size)
+        out = self.drop(locked_dropout(raw, self.cfg.dropout_output, self.training))
+        self.reg_loss = None
+        if self.training and (self.ar_alpha or self.tar_beta):
+            # Merity et al. 2017: AR penalises large (dropped) outputs, TAR large steps between time steps.
+            self.reg_loss = self.ar_alpha * out.float().pow(2).mean() + \
+                self.tar_beta * (raw[1:] - raw[:-1]).float().pow(2).mean()
         if self.adaptive is not None:
             if targets is not None:  # only the target's cluster is computed: the point of the adaptive softmax
                 logp = self.adaptive(out.flatten(0, 1), targets.flatten()).output
@@ -80,6 +99,61 @@ class LSTMLanguageModel(nn.Module):
     def nll(self, ids: Tensor, targets: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """Per-token negative log-likelihood (T, B) in fp32, and the carried state."""
         return self(ids, state, targets)
+
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        p = self.cfg.dropout_embedding
+        if not (self.training and p > 0):
+            return self.embedding(ids)
+        # Drop whole words: every occurrence of a dropped word in this batch reads a zero vector.
+        w = self.embedding.weight
+        mask = w.new_empty(w.shape[0], 1).bernoulli_(1 - p) / (1 - p)
+        return F.embedding(ids, w * mask)
+
+    def _lstm(self, x: Tensor, state: State | None) -> tuple[Tensor, State]:
+        if not self.layered:
+            return self.lstm(x, state)
+        if state is None:
+            state = self.init_state(x.shape[1])
+        hs, cs = [], []
+        for i, layer in enumerate(self.layers):
+            h, c = state[0][i: i + 1], state[1][i: i + 1]
+            if self.training and self.cfg.weight_drop > 0:
+                x, h, c = _weight_dropped_lstm(layer, x, h, c, self.cfg.weight_drop)
+            else:
+                x, (h, c) = layer(x, (h, c))
+            if i < len(self.layers) - 1:
+                x = locked_dropout(x, self.cfg.dropout_hidden, self.training)
+            hs.append(h)
+            cs.append(c)
+        return x, (torch.cat(hs), torch.cat(cs))
+
+
+def locked_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Variational dropout (Gal & Ghahramani 2016): one mask per sequence and unit, the same at every time step."""
+    if not training or p == 0:
+        return x
+    mask = x.new_empty(1, x.shape[1], x.shape[2]).bernoulli_(1 - p) / (1 - p)  # (1, B, D)
+    return x * mask
+
+
+def _weight_dropped_lstm(layer: nn.LSTM, x: Tensor, h: Tensor, c: Tensor, p: float):
+    """One LSTM layer with DropConnect on its hidden-to-hidden matrix (Wan et al. 2013; AWD-LSTM).
+
+    The registered parameters are never replaced (the optimizer keeps them, nothing is re-registered): the
+    dropped matrix is computed from the parameter and all weights are passed to the LSTM kernel as views of
+    one contiguous buffer in nn.LSTM's own order, which is what cuDNN needs to use its kernel without the
+    "weights are not part of single contiguous chunk of memory" compaction warning.
+    """
+    ws = [F.dropout(w, p, True) if name.startswith("weight_hh") else w
+          for w, name in zip(layer._flat_weights, layer._flat_weights_names, strict=True)]
+    flat = torch.cat([w.reshape(-1) for w in ws])
+    views, at = [], 0
+    for w in ws:
+        views.append(flat[at: at + w.numel()].view_as(w))
+        at += w.numel()
+    out, h, c = torch._VF.lstm(x, (h, c), views, layer.bias, 1, 0.0, True, False, False)
+    return out, h, c
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -206,6 +206,12 @@ class Distributed:
         return out
 
 
+def should_average(history: list[float], nonmono: int) -> bool:
+    """NT-ASGD's trigger: the newest validation loss is worse than the best one from before the last
+    `nonmono` validations (a non-monotone criterion, so a single bad evaluation does not switch)."""
+    return len(history) > nonmono and history[-1] > min(history[:-nonmono])
+
+
 def _has_run(out: Path) -> bool:
     names = ("last", "best", ".last.old", ".best.old", "metrics.jsonl")
     return any((out / n).exists() for n in names)
@@ -242,8 +248,11 @@ class _Metrics:
 
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = False) -> TrainResult:
-    """Train a model as `cfg` says into `out_dir`. See the module docstring for what is written."""
+          progress: bool = False, init_from: str | Path | None = None) -> TrainResult:
+    """Train a model as `cfg` says into `out_dir`. See the module docstring for what is written.
+
+    `init_from` (a run or checkpoint) starts from its weights and tokenizer with a fresh optimizer: finetuning.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the run")
@@ -262,7 +271,15 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
             raise ConfigError([f"--resume with a changed architecture ({d}, config vs checkpoint); "
                                f"train into a new --out instead" for d in diffs])
         _warn_train_changes(cfg, ckpt.config)
-    elif out.is_dir() and _has_run(out) and not overwrite:
+    if init_from is not None and ckpt is None:
+        init = load_checkpoint(init_from)
+        diffs = arch_differences(cfg, init.config)
+        if diffs:
+            raise ConfigError([f"finetuning needs the architecture of {init.path} ({d}, config vs checkpoint)"
+                               for d in diffs])
+        ckpt = init
+        ckpt.train_state = None  # weights and tokenizer only: the optimizer and position start fresh
+    if not resume and out.is_dir() and _has_run(out) and not overwrite:
         raise ConfigError(f"{out} already holds a run; continue it with --resume, start over with --overwrite, "
                           f"or choose another --out")
 
@@ -306,7 +323,7 @@ def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distrib
     valid_streams = _streams(valid_split.ids, tc.eval_batch_size, device, "data.valid",
                              "train.eval_batch_size")
     if dist.main:
-        if overwrite and ckpt is None:
+        if overwrite and (ckpt is None or ckpt.train_state is None):
             for name in ("last", "best", ".last.old", ".best.old", ".last.tmp", ".best.tmp"):
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -350,10 +367,15 @@ class _Loop:
             self.forward = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
             torch.manual_seed(tc.seed + dist.rank)  # same initial weights (broadcast), different dropout masks
         params = list(self.model.parameters())
-        if tc.optimizer == "sgd":
+        if tc.optimizer in ("sgd", "ntasgd"):
             self.opt = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
         else:
             self.opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.model.ar_alpha, self.model.tar_beta = tc.ar_alpha, tc.tar_beta
+        # NT-ASGD (Merity et al. 2017): plain SGD until validation stops improving, then the running average of
+        # the iterates is the model that is evaluated and saved. PyTorch's AveragedModel keeps the average.
+        self.averaged: torch.optim.swa_utils.AveragedModel | None = None
+        self.valid_history: list[float] = []
         self.windows_per_epoch = train_streams.num_windows(tc.seq_len)
         by_epochs = tc.epochs * self.windows_per_epoch if tc.epochs else None
         self.total_steps = min(x for x in (by_epochs, tc.max_steps or None) if x is not None)
@@ -362,9 +384,14 @@ class _Loop:
         self.step, self.epoch, self.row, self.tokens, self.elapsed = 0, 0, 0, 0, 0.0
         self.best, self.bad_evals, self.nonfinite_total, self.last_eval_step = math.inf, 0, 0, -1
         self.state = self.model.init_state(tc.batch_size)
-        if ckpt is not None:
+        resuming = ckpt is not None and ckpt.train_state is not None
+        if resuming:
             self._restore(ckpt)
-        self.metrics = _Metrics(out / "metrics.jsonl", self.step if ckpt is not None else None, dist.main)
+        elif ckpt is not None:  # finetuning: the weights only
+            self.model.load_state_dict(ckpt.model_state)
+        if tc.optimizer == "ntasgd" and tc.average_from_start and self.averaged is None:
+            self._start_averaging()  # after the weights are loaded: the average starts from them
+        self.metrics = _Metrics(out / "metrics.jsonl", self.step if resuming else None, dist.main)
 
     # --- state ---------------------------------------------------------------------------------------------
     def _train_state(self) -> dict:
@@ -373,6 +400,10 @@ class _Loop:
             "elapsed_s": self.elapsed, "best_valid_loss": self.best, "bad_evals": self.bad_evals,
             "nonfinite_total": self.nonfinite_total, "last_eval_step": self.last_eval_step,
             "optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(),
+            "valid_history": list(self.valid_history),
+            # With NT-ASGD, model.pt holds the average; training continues from the raw iterate saved here.
+            "raw_model": self.model.state_dict() if self.averaged is not None else None,
+            "n_averaged": int(self.averaged.n_averaged) if self.averaged is not None else 0,
             "lstm_h": self.state[0].detach().cpu(), "lstm_c": self.state[1].detach().cpu(),
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -384,7 +415,14 @@ class _Loop:
 
     def _restore(self, ckpt) -> None:
         ts = ckpt.train_state
-        self.model.load_state_dict(ckpt.model_state)
+        self.valid_history = list(ts.get("valid_history", []))
+        if ts.get("raw_model") is not None:  # NT-ASGD had switched: model.pt is the average
+            self.model.load_state_dict(ts["raw_model"])
+            self._start_averaging()
+            self.averaged.module.load_state_dict(ckpt.model_state)
+            self.averaged.n_averaged.fill_(ts["n_averaged"])
+        else:
+            self.model.load_state_dict(ckpt.model_state)
         self.opt.load_state_dict(ts["optimizer"])
         self.schedule.load_state_dict(ts["schedule"])
         self.step, self.epoch, self.row, self.tokens = ts["step"], ts["epoch"], ts["row"], ts["tokens"]
@@ -415,16 +453,28 @@ class _Loop:
         train_state = self._train_state() if full else None  # a collective under DDP: every rank takes part
         if not self.dist.main:
             return
-        save_checkpoint(self.out / name, model_state=self.model.state_dict(), config=self.cfg,
+        save_checkpoint(self.out / name, model_state=self.eval_model.state_dict(), config=self.cfg,
                         tokenizer=self.tokenizer, train_state=train_state,
                         info={"step": self.step, "epoch": self.epoch, "tokens": self.tokens,
                               "valid_loss": valid_loss if valid_loss is not None else self.best,
                               "num_parameters": num_parameters(self.model)})
 
     # --- the loop ------------------------------------------------------------------------------------------
+    def _start_averaging(self) -> None:
+        self.averaged = torch.optim.swa_utils.AveragedModel(self.model, use_buffers=True)
+        log.info("NT-ASGD: averaging the weights from step %d on", self.step)
+
+    @property
+    def eval_model(self):
+        """The weights that are evaluated and saved: the running average once NT-ASGD has switched."""
+        return self.averaged.module if self.averaged is not None else self.model
+
     def validate(self) -> tuple[float, bool]:
-        nll, n = total_nll(self.model, self.valid_streams, self.tc.seq_len, self.tc.precision)
+        nll, n = total_nll(self.eval_model, self.valid_streams, self.tc.seq_len, self.tc.precision)
         loss = nll / n
+        switch = (self.tc.optimizer == "ntasgd" and self.averaged is None
+                  and should_average(self.valid_history + [loss], self.tc.nonmono))
+        self.valid_history.append(loss)
         improved = loss < self.best
         if improved:
             self.best, self.bad_evals = loss, 0
@@ -438,6 +488,9 @@ class _Loop:
                             "elapsed_s": round(self.elapsed, 3)})
         if improved:
             self._save("best", loss)
+        if switch:
+            self._start_averaging()
+            self.metrics.write({"event": "averaging", "step": self.step, "epoch": self._epoch_float()})
         self._save("last", loss)
         return loss, improved
 
@@ -476,15 +529,21 @@ class _Loop:
                             break
                     self.schedule.start_epoch(self.epoch + 1)
                 lr = self.schedule.at_step(self.step)
+                seq_len = tc.seq_len
+                if tc.variable_bptt:  # AWD-LSTM: lengths vary so windows do not always start at the same tokens
+                    base = tc.seq_len if random.random() < 0.95 else tc.seq_len / 2
+                    seq_len = max(5, int(random.gauss(base, 5)))
+                    lr = lr * seq_len / tc.seq_len  # a short window's update counts less
                 for g in self.opt.param_groups:
                     g["lr"] = lr
-                x, y = self.train_streams.window(self.row, tc.seq_len)
+                x, y = self.train_streams.window(self.row, seq_len)
                 state = detach_state(self.state)
                 with autocast(self.device, tc.precision):
                     nll, state = self.forward(x, state, y)
                 loss = nll.mean()
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                reg = model.reg_loss
+                (loss + reg if reg is not None else loss).backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(params, tc.clip if tc.clip > 0 else math.inf)
                 self.step += 1
                 self.row += x.shape[0]
@@ -505,6 +564,8 @@ class _Loop:
                 else:
                     nonfinite_run = 0
                     self.opt.step()
+                    if self.averaged is not None:
+                        self.averaged.update_parameters(self.model)
                     self.state = state
                     run_loss += loss.detach()
                     run_count += 1

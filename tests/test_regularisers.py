@@ -1,0 +1,147 @@
+"""AWD-LSTM's regularisers, projection, variable BPTT and NT-ASGD."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from wordlm.config import ModelConfig
+from wordlm.model import LSTMLanguageModel
+from wordlm.train import should_average, train
+
+from conftest import tiny_config
+
+BASE = {"embedding_size": 16, "hidden_size": 16, "num_layers": 3}
+KNOBS = ["dropout_embedding", "dropout_input", "dropout_hidden", "dropout_output", "weight_drop", "dropout"]
+
+
+def model(**kw) -> LSTMLanguageModel:
+    torch.manual_seed(0)
+    return LSTMLanguageModel(40, ModelConfig(**{**BASE, **kw}))
+
+
+def same_weights(dst: LSTMLanguageModel, src: LSTMLanguageModel) -> LSTMLanguageModel:
+    """Copy src's weights into dst, mapping the fused LSTM's layer i onto dst's single-layer LSTM i."""
+    state = {}
+    for k, v in src.state_dict().items():
+        if k.startswith("lstm.") and dst.layered:
+            name, layer = k[len("lstm."):].rsplit("_l", 1)
+            k = f"layers.{layer}.{name}_l0"
+        state[k] = v
+    dst.load_state_dict(state)
+    return dst
+
+
+def run(m: LSTMLanguageModel, train_mode: bool, seed: int = 1) -> torch.Tensor:
+    m.train(train_mode)
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 40, (9, 4), generator=torch.Generator().manual_seed(5))
+    return m(ids)[0]
+
+
+@pytest.mark.parametrize("knob", KNOBS)
+def test_no_op_at_zero_and_only_active_in_training(knob):
+    ref = model()
+    off = same_weights(model(**{knob: 0.0}), ref)
+    on = same_weights(model(**{knob: 0.5}), ref)
+    torch.testing.assert_close(run(off, True), run(ref, True), rtol=0, atol=0)  # p = 0: nothing changes
+    torch.testing.assert_close(run(on, False), run(ref, False), rtol=1e-6, atol=1e-6)  # eval: nothing changes
+    assert not torch.allclose(run(on, True), run(ref, True))  # p > 0 in training: outputs change
+
+
+def test_weight_drop_keeps_the_parameters_and_warns_nothing():
+    m = model(weight_drop=0.5)
+    params = dict(m.named_parameters())
+    ids = {n: id(p) for n, p in params.items()}
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    before = params["layers.0.weight_hh_l0"].detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        m.train()
+        nll, _ = m(torch.randint(0, 40, (6, 2)), None, torch.randint(0, 40, (6, 2)))
+        nll.mean().backward()
+        opt.step()
+    assert {n: id(p) for n, p in m.named_parameters()} == ids  # the optimizer's tensors are the model's
+    assert params["layers.0.weight_hh_l0"].grad is not None
+    assert not torch.equal(params["layers.0.weight_hh_l0"], before)  # the raw matrix is what trains
+    # Dropped entries get no gradient: DropConnect, not dropout on activations.
+    assert (params["layers.0.weight_hh_l0"].grad == 0).float().mean() > 0.3
+
+
+def test_projection_and_tying():
+    m = LSTMLanguageModel(40, ModelConfig(embedding_size=8, hidden_size=16, num_layers=2, proj_size=8,
+                                          tie_weights=True))
+    logits, (h, c) = m(torch.randint(0, 40, (5, 3)))
+    assert logits.shape == (5, 3, 40) and h.shape == (2, 3, 8) and c.shape == (2, 3, 16)
+    assert m.decoder.weight is m.embedding.weight
+
+
+def test_ar_tar_add_a_term_in_training_only():
+    m = model(dropout_output=0.2)
+    m.ar_alpha, m.tar_beta = 2.0, 1.0
+    run(m, True)
+    assert m.reg_loss is not None and m.reg_loss.item() > 0
+    run(m, False)
+    assert m.reg_loss is None
+
+
+def test_nt_asgd_trigger_on_scripted_validations():
+    # Non-monotone: the newest loss must be worse than the best from before the last `nonmono` validations.
+    assert not should_average([5.0, 4.0, 3.9], nonmono=2)
+    assert not should_average([5.0, 4.0, 3.9, 3.95], nonmono=2)  # worse than 3.9, but 3.9 is too recent
+    assert should_average([5.0, 4.0, 3.9, 3.95, 4.1], nonmono=2)  # worse than min(5.0, 4.0, 3.9)
+    assert should_average([5.0, 4.0, 4.2], nonmono=1)
+
+
+def test_nt_asgd_switches_when_expected_in_training(small_corpus, tmp_path, monkeypatch):
+    scripted = iter([3.0, 2.5, 2.4, 2.45, 2.6, 2.3, 2.2, 2.1])  # the switch is due at the 5th validation
+    import wordlm.train as train_module
+
+    monkeypatch.setattr(train_module, "total_nll", lambda *a, **k: (next(scripted) * 100, 100))
+    train(tiny_config(small_corpus, optimizer="ntasgd", nonmono=2, eval_every=3, max_steps=24, epochs=0,
+                      schedule="constant"), tmp_path / "run")
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    valid_steps = [r["step"] for r in recs if r["event"] == "valid"]
+    assert [r["step"] for r in recs if r["event"] == "averaging"] == [valid_steps[4]] == [15]
+    from wordlm.checkpoint import load_checkpoint
+
+    last = load_checkpoint(tmp_path / "run", prefer="last", train_state=True)
+    assert last.train_state["n_averaged"] == 24 - 15  # every step after the switch
+    assert not torch.equal(last.train_state["raw_model"]["decoder.weight"], last.model_state["decoder.weight"])
+
+
+def test_variable_bptt_varies_window_lengths(small_corpus, tmp_path, monkeypatch):
+    from wordlm.data import Streams
+
+    lengths = []
+    window = Streams.window
+
+    def spy(self, row, seq_len):
+        x, y = window(self, row, seq_len)
+        if self.batch_size == 4:
+            lengths.append(x.shape[0])
+        return x, y
+
+    monkeypatch.setattr(Streams, "window", spy)
+    train(tiny_config(small_corpus, seq_len=12, variable_bptt=True, epochs=3), tmp_path / "run")
+    assert len(set(lengths)) > 3
+    assert sum(n < 5 for n in lengths) <= 3  # only where an epoch's text runs out (3 epochs)
+
+
+def test_finetune_starts_from_the_weights_with_averaging(small_corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from wordlm.checkpoint import load_checkpoint
+    from wordlm.cli import app
+
+    train(tiny_config(small_corpus, epochs=2), tmp_path / "base")
+    r = CliRunner().invoke(app, ["finetune", str(tmp_path / "base"), "--out", str(tmp_path / "ft"), "--set",
+                                 "train.epochs=1", "--set", "train.lr=0.5"])
+    assert r.exit_code == 0, r.output
+    ft = load_checkpoint(tmp_path / "ft", prefer="last", train_state=True)
+    assert ft.config.train.optimizer == "ntasgd" and ft.train_state["n_averaged"] == ft.meta["step"]
+    recs = (tmp_path / "ft" / "metrics.jsonl").read_text()
+    base_best = load_checkpoint(tmp_path / "base").meta["valid_loss"]
+    first_valid = json.loads([ln for ln in recs.splitlines() if '"valid"' in ln][0])["valid_loss"]
+    assert first_valid < base_best + 0.5  # it started from the trained weights, not from scratch (~2.9)
