@@ -39,10 +39,10 @@ def corpus_paths(vocab: str) -> dict[str, str]:
     return {s: str(d / f"{s}.txt") for s in ("train", "valid", "test")}
 
 
-def load_config(vocab: str, overrides: list[str]):
+def load_config(vocab: str, overrides: list[str], config: str | None = None):
     from wordlm.config import load_config as load
 
-    return load(ROOT / "configs" / CORPORA[vocab][1], overrides)
+    return load(ROOT / "configs" / (config or CORPORA[vocab][1]), overrides)
 
 
 def encoded(vocab: str, cfg):
@@ -144,10 +144,11 @@ def plain_eval(model, split, V) -> float:
 
 
 # --- wordlm -----------------------------------------------------------------------------------------------------
-def wordlm_train(vocab: str, steps: int, budget_s: float = 0.0, overrides: tuple[str, ...] = ()) -> dict:
+def wordlm_train(vocab: str, steps: int, budget_s: float = 0.0, overrides: tuple[str, ...] = (),
+                 config: str | None = None) -> dict:
     from wordlm.train import train
 
-    cfg = load_config(vocab, [*overrides])
+    cfg = load_config(vocab, [*overrides], config)
     encoded(vocab, cfg)  # warm the cache: tokenizing is measured in its own row
     log_every = 10
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,7 +166,7 @@ def wordlm_train(vocab: str, steps: int, budget_s: float = 0.0, overrides: tuple
             return {"valid_ppl": recs[-1]["valid_ppl"], "steps": result.steps, "tokens": result.tokens,
                     "train_s": train_s, "wall_s": wall}
         cfg = load_config(vocab, [*overrides, f"train.max_steps={steps + log_every}", "train.epochs=0",
-                                  f"train.log_every={log_every}", "train.eval_every=0"])
+                                  f"train.log_every={log_every}", "train.eval_every=0"], config)
         small_valid = Path(tmp) / "valid.txt"  # the closing validation is not what is measured here
         with open(cfg.data.valid, encoding="utf-8") as f:
             small_valid.write_text("".join(f.readline() for _ in range(50)))
@@ -181,7 +182,6 @@ def wordlm_train(vocab: str, steps: int, budget_s: float = 0.0, overrides: tuple
 
 def wordlm_use(vocab: str) -> dict:
     """Evaluation, generation and latency with the bench model (untrained weights: speed does not depend on them)."""
-    import torch
 
     from wordlm.data import Streams
     from wordlm.evaluate import total_nll
@@ -245,6 +245,8 @@ def one(name: str, args) -> dict:
         r = wordlm_train(vocab, args.steps, args.budget)
     elif kind == "wordlm-fp32-full":  # wordlm's loop with the plain model's settings: the loop's own overhead
         r = wordlm_train(vocab, args.steps, 0, ("model.decoder=full", "train.precision=fp32"))
+    elif kind == "ptb-small":  # configs/ptb-small.toml exactly (2x200, no dropout, SGD, full softmax, fp32)
+        r = wordlm_train("10k", args.steps, 0, (), "ptb-small.toml")
     elif kind == "use":
         r = wordlm_use(vocab)
     elif kind == "tokenizers":
@@ -290,12 +292,17 @@ def main() -> None:
     print("| vocab | plain loop tok/s | wordlm, plain settings tok/s | wordlm tok/s | speed-up | peak RSS plain / "
           "wordlm (MB) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    plain = {}
     for vocab in CORPORA:
-        p = run_row(f"plain:{vocab}", args)
+        p = plain[vocab] = run_row(f"plain:{vocab}", args)
         f = run_row(f"wordlm-fp32-full:{vocab}", args)
         w = run_row(f"wordlm:{vocab}", args)
         print(f"| {vocab} | {p['tokens_per_s']:,.0f} | {f['tokens_per_s']:,.0f} | {w['tokens_per_s']:,.0f} | "
               f"{w['tokens_per_s'] / p['tokens_per_s']:.2f}x | {p['peak_rss_mb']:.0f} / {w['peak_rss_mb']:.0f} |")
+    p, z = plain["10k"], run_row("ptb-small:10k", args)
+    print(f"\nconfigs/ptb-small.toml (the same model as the plain loop's, without dropout): "
+          f"{z['tokens_per_s']:,.0f} tok/s vs plain {p['tokens_per_s']:,.0f} tok/s "
+          f"({z['tokens_per_s'] / p['tokens_per_s']:.2f}x)")
     print("\n## evaluation and generation (the bench configs' models)\n")
     print("| vocab | eval tok/s | generate tok/s (1 stream) | generate tok/s (32 streams) | next-token latency | "
           "peak RSS (MB) |")

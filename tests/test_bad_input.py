@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from wordlm.checkpoint import _sha256
 from wordlm.cli import app
+from wordlm.data import file_sha256
 from wordlm.train import RunLock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def places(demo_run, tmp_path_factory):
     tok["itos"].append("extra")
     (mismatch / "tokenizer.json").write_text(json.dumps(tok))
     meta = json.loads((mismatch / "meta.json").read_text())
-    meta["files"]["tokenizer.json"] = _sha256(mismatch / "tokenizer.json")
+    meta["files"]["tokenizer.json"] = file_sha256(mismatch / "tokenizer.json")
     (mismatch / "meta.json").write_text(json.dumps(meta))
     locked = tmp / "locked"
     locked.mkdir()

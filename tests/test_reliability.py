@@ -180,12 +180,12 @@ def test_format_version_and_tokenizer_mismatch(small_corpus, tmp_path):
     with pytest.raises(CheckpointError, match="has checkpoint format 99, this wordlm reads format 1"):
         load_checkpoint(ck)
     # A consistent-looking checkpoint whose tokenizer belongs to another model.
-    from wordlm.checkpoint import _sha256
+    from wordlm.data import file_sha256
 
     tok = json.loads((ck / "tokenizer.json").read_text())
     tok["itos"] = tok["itos"] + ["extra"]
     (ck / "tokenizer.json").write_text(json.dumps(tok))
-    meta["files"]["tokenizer.json"] = _sha256(ck / "tokenizer.json")
+    meta["files"]["tokenizer.json"] = file_sha256(ck / "tokenizer.json")
     (ck / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="embedding rows but the tokenizer has 19 types"):
         load_checkpoint(ck)

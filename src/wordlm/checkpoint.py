@@ -14,7 +14,6 @@ between the two renames the previous checkpoint is still there as `.NAME.old`, a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -29,19 +28,12 @@ import torch
 
 from . import __version__
 from .config import SECTIONS, Config
+from .data import file_sha256
 from .errors import CheckpointError, ConfigError
 from .tokenizer import Tokenizer, tokenizer_from_state
 
 FORMAT_VERSION = 1
 ARCH_KEYS = ("model", "tokenizer")  # sections that must match to resume or reuse weights
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -71,7 +63,7 @@ def save_checkpoint(path: str | Path, *, model_state: dict, config: Config, toke
     digests = {}
     for f in sorted(tmp.iterdir()):
         _fsync(f)
-        digests[f.name] = _sha256(f)
+        digests[f.name] = file_sha256(f)
     meta = {"format_version": FORMAT_VERSION, "wordlm_version": __version__, "saved_at": time.time(),
             "files": digests, **(info or {})}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -157,7 +149,7 @@ def load_checkpoint(path: str | Path, prefer: str = "best", train_state: bool = 
             f = d / name
             if not f.is_file():
                 raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
-            if _sha256(f) != digest:
+            if file_sha256(f) != digest:
                 raise CheckpointError(f"{f} does not match its checksum in meta.json: the file is corrupt")
     raw = _read_json(d / "config.json")
     try:

@@ -80,13 +80,6 @@ class TrainConfig:
     seq_len: int = _opt(35, "truncated-BPTT window length (tokens)", min=1)
     optimizer: str = _opt("sgd", "sgd, adamw, or ntasgd (SGD, then iterate averaging once validation stops "
                           "improving: AWD-LSTM's NT-ASGD)", choices=("sgd", "adamw", "ntasgd"))
-    nonmono: int = _opt(5, "ntasgd: start averaging when validation is worse than the best of all but the last "
-                        "nonmono validations", min=1)
-    average_from_start: bool = _opt(False, "ntasgd: average from the first step (finetuning)")
-    ar_alpha: float = _opt(0.0, "activation regularisation: alpha * mean(dropped last-layer output^2)", min=0.0)
-    tar_beta: float = _opt(0.0, "temporal activation regularisation: beta * mean((h_t - h_{t-1})^2)", min=0.0)
-    variable_bptt: bool = _opt(False, "draw each window's length around seq_len (AWD-LSTM), lr scaled by "
-                               "length / seq_len")
     lr: float = _opt(1.0, "peak learning rate", min_excl=0.0)
     momentum: float = _opt(0.0, "SGD momentum", min=0.0, max_excl=1.0)
     weight_decay: float = _opt(0.0, "L2 (sgd) or decoupled (adamw) weight decay", min=0.0)
@@ -111,6 +104,13 @@ class TrainConfig:
     patience: int = _opt(0, "stop after this many validations without improvement (0 = never)", min=0)
     skip_nonfinite: bool = _opt(True, "skip steps whose loss or gradient is NaN/inf (one host sync per step)")
     max_nonfinite: int = _opt(5, "stop after this many non-finite steps in a row", min=1)
+    nonmono: int = _opt(5, "ntasgd: start averaging when validation is worse than the best of all but the last "
+                        "nonmono validations", min=1)
+    average_from_start: bool = _opt(False, "ntasgd: average from the first step (finetuning)")
+    ar_alpha: float = _opt(0.0, "activation regularisation: alpha * mean(dropped last-layer output^2)", min=0.0)
+    tar_beta: float = _opt(0.0, "temporal activation regularisation: beta * mean((h_t - h_{t-1})^2)", min=0.0)
+    variable_bptt: bool = _opt(False, "draw each window's length around seq_len (AWD-LSTM), lr scaled by "
+                               "length / seq_len")
 
 
 SECTIONS: dict[str, type] = {

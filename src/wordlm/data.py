@@ -70,7 +70,7 @@ def iter_lines(path: str | Path, what: str = "text", progress: bool = False) -> 
         bar.close()
 
 
-def _file_digest(p: Path) -> str:
+def file_sha256(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -97,7 +97,7 @@ def encode_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | 
     """Encode a text file with `tokenizer`, reusing the on-disk cache when the text and tokenizer match."""
     p = check_text_file(path, what)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = f"{_file_digest(p)[:24]}-{tokenizer.fingerprint()}-v{CACHE_VERSION}"
+    key = f"{file_sha256(p)[:24]}-{tokenizer.fingerprint()}-v{CACHE_VERSION}"
     ids_path, meta_path = cache / f"{key}.ids", cache / f"{key}.json"
     if ids_path.exists() and meta_path.exists():
         try:

@@ -510,7 +510,7 @@ class _Loop:
         run_loss = torch.zeros((), device=self.device)
         run_count, nonfinite_run = 0, 0
         t_log, tokens_log = time.perf_counter(), self.tokens
-        t_mark = time.perf_counter()
+        self._t_mark = time.perf_counter()
         stop_reason = "finished"
         if self.row == 0:
             self.schedule.start_epoch(self.epoch + 1)
@@ -520,13 +520,9 @@ class _Loop:
                     self.epoch += 1
                     self.row = 0
                     self.state = model.init_state(tc.batch_size)
-                    if tc.eval_every == 0:
-                        self.elapsed += time.perf_counter() - t_mark
-                        t_mark = time.perf_counter()
-                        self.validate()
-                        if self._patience_exhausted():
-                            stop_reason = "early stop: validation stopped improving"
-                            break
+                    if tc.eval_every == 0 and self._validate_then_stop():
+                        stop_reason = "early stop: validation stopped improving"
+                        break
                     self.schedule.start_epoch(self.epoch + 1)
                 lr = self.schedule.at_step(self.step)
                 seq_len = tc.seq_len
@@ -574,8 +570,7 @@ class _Loop:
                     now = time.perf_counter()
                     train_loss = self.dist.mean(run_loss).item() / run_count  # the log-interval host sync
                     tok_s = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
-                    self.elapsed += now - t_mark
-                    t_mark = now
+                    self._tick()
                     self.metrics.write({"event": "train", "step": self.step, "epoch": self._epoch_float(),
                                         "tokens": self.tokens, "loss": train_loss, "ppl": _ppl(train_loss),
                                         "lr": lr, "tokens_per_s": round(tok_s, 1),
@@ -585,10 +580,7 @@ class _Loop:
                     run_loss.zero_()
                     run_count, t_log, tokens_log = 0, now, self.tokens
                 if tc.eval_every and self.step % tc.eval_every == 0:
-                    self.elapsed += time.perf_counter() - t_mark
-                    t_mark = time.perf_counter()
-                    self.validate()
-                    if self._patience_exhausted():
+                    if self._validate_then_stop():
                         stop_reason = "early stop: validation stopped improving"
                         break
                 elif tc.save_every and self.step % tc.save_every == 0 and nonfinite_run == 0:
@@ -599,14 +591,12 @@ class _Loop:
                 elif self.dist.world > 1:
                     stopping = False
                 if stopping:
-                    self.elapsed += time.perf_counter() - t_mark
-                    t_mark = time.perf_counter()
+                    self._tick()
                     self._save("last")
                     name = signal.Signals(self.stop.signum or signal.SIGTERM).name
                     raise TrainingInterrupted(f"stopped by {name} at step {self.step}; {self.out / 'last'} saved; "
                                               f"continue with: wordlm train --out {self.out} --resume")
-            self.elapsed += time.perf_counter() - t_mark
-            t_mark = time.perf_counter()
+            self._tick()
             if self.last_eval_step != self.step:
                 self.validate()
         finally:
@@ -615,7 +605,16 @@ class _Loop:
         return TrainResult(self.out, self.step, self._epoch_float(), self.tokens, self.best, _ppl(self.best),
                            self.elapsed, stop_reason, num_parameters(model), model)
 
-    def _patience_exhausted(self) -> bool:
+    def _tick(self) -> None:
+        """Add the wall time since the last tick to `elapsed` (kept across resumes)."""
+        now = time.perf_counter()
+        self.elapsed += now - self._t_mark
+        self._t_mark = now
+
+    def _validate_then_stop(self) -> bool:
+        """Validate (and checkpoint); True when patience says training should stop."""
+        self._tick()
+        self.validate()
         return bool(self.tc.patience) and self.bad_evals >= self.tc.patience
 
 

@@ -1,0 +1,31 @@
+"""GPU checks (run with: .venv/bin/pytest -m gpu on a machine with CUDA). Skipped elsewhere."""
+
+import warnings
+
+import pytest
+import torch
+
+from wordlm.config import ModelConfig
+from wordlm.model import LSTMLanguageModel
+
+from conftest import tiny_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_weight_drop_uses_cudnn_without_the_contiguous_chunk_warning():
+    m = LSTMLanguageModel(100, ModelConfig(embedding_size=32, hidden_size=64, num_layers=3, weight_drop=0.5,
+                                           dropout_hidden=0.2)).cuda().train()
+    ids = torch.randint(0, 100, (20, 8), device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "weights are not part of single contiguous chunk" would fail here
+        nll, _ = m(ids, None, ids)
+        nll.mean().backward()
+    assert torch.backends.cudnn.enabled and all(p.grad is not None for p in m.parameters())
+
+
+def test_training_on_the_gpu(small_corpus, tmp_path):
+    from wordlm.train import train
+
+    result = train(tiny_config(small_corpus, device="cuda", epochs=2, precision="bf16"), tmp_path / "run")
+    assert result.best_valid_ppl < 18
