@@ -247,6 +247,8 @@ def one(name: str, args) -> dict:
         r = wordlm_train(vocab, args.steps, 0, ("model.decoder=full", "train.precision=fp32"))
     elif kind == "ptb-small":  # configs/ptb-small.toml exactly (2x200, no dropout, SGD, full softmax, fp32)
         r = wordlm_train("10k", args.steps, 0, (), "ptb-small.toml")
+    elif kind == "config":  # any config's training speed: --one config:ptb-medium.toml
+        r = wordlm_train("10k", args.steps, 0, (), vocab)
     elif kind == "use":
         r = wordlm_use(vocab)
     elif kind == "tokenizers":

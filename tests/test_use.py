@@ -200,5 +200,5 @@ def test_dynamic_evaluation_cli_chooses_by_grid(demo_run):
                                  "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
-    assert len(out["dynamic"]["grid"]) == 4 and out["dynamic"]["decay"] == 0
+    assert len(out["dynamic"]["grid"]) == 3 and out["dynamic"]["decay"] == 0
     assert out["dynamic"]["lr"] == min(out["dynamic"]["grid"], key=lambda g: g["ppl"])["lr"]

@@ -86,8 +86,9 @@ def dynamic_total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int, 
     params = [p for p in model.parameters() if p.requires_grad]
     theta0 = [p.detach().clone() for p in params]
     rms = [m.sqrt() for m in ms]
+    inv = [1.0 / (r + eps) for r in rms]  # computed once: each update is then one fused multiply-add
     mean_rms = torch.cat([r.flatten() for r in rms]).mean()
-    pull = [torch.clamp(decay * r / mean_rms, max=1.0) for r in rms]
+    pull = [torch.clamp(decay * r / mean_rms, max=1.0) for r in rms] if decay > 0 else None
     was_training = model.training
     model.eval()
     state = model.init_state(streams.batch_size)
@@ -103,9 +104,10 @@ def dynamic_total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int, 
                 continue
             grads = torch.autograd.grad(nll.mean(), params)
             with torch.no_grad():
-                for p, g, r, k, p0 in zip(params, grads, rms, pull, theta0, strict=True):
-                    p.add_(g / (r + eps), alpha=-lr)
-                    p.add_(k * (p0 - p))
+                for j, (p, g) in enumerate(zip(params, grads, strict=True)):
+                    p.addcmul_(g, inv[j], value=-lr)
+                    if pull is not None:
+                        p.addcmul_(pull[j], theta0[j] - p)
     finally:
         with torch.no_grad():
             for p, p0 in zip(params, theta0, strict=True):

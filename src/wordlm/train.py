@@ -368,9 +368,11 @@ class _Loop:
             torch.manual_seed(tc.seed + dist.rank)  # same initial weights (broadcast), different dropout masks
         params = list(self.model.parameters())
         if tc.optimizer in ("sgd", "ntasgd"):
-            self.opt = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+            self.opt = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
+                                       fused=True)
         else:
-            self.opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+            # fused: one kernel for the whole update instead of several per tensor (CPU and CUDA)
+            self.opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
         self.model.ar_alpha, self.model.tar_beta = tc.ar_alpha, tc.tar_beta
         # NT-ASGD (Merity et al. 2017): plain SGD until validation stops improving, then the running average of
         # the iterates is the model that is evaluated and saved. PyTorch's AveragedModel keeps the average.
