@@ -67,7 +67,7 @@ class LanguageModel:
     def _streams(self, path: str | Path, batch_size: int):
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-        split = encode_file(path, self.tokenizer, self.config.data.cache_dir or None, what=str(path))
+        split = encode_file(path, self.tokenizer, self.config.data.cache_dir or None, what="text to evaluate")
         return split, Streams(split.ids, batch_size, self.device)
 
     def evaluate(self, path: str | Path, batch_size: int = 10, seq_len: int = 70) -> dict:

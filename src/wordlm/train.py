@@ -29,7 +29,14 @@ import torch
 from .checkpoint import arch_differences, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, TrainConfig
 from .data import Streams, check_text_file, encode_file, iter_lines
-from .errors import CheckpointError, ConfigError, NonFiniteLossError, RunLockedError, TrainingInterrupted
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NonFiniteLossError,
+    RunLockedError,
+    TrainingInterrupted,
+)
 from .evaluate import autocast, total_nll
 from .model import build_model, detach_state, num_parameters
 from .tokenizer import Tokenizer, fit_tokenizer
@@ -335,12 +342,8 @@ def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distrib
 def _streams(ids, batch_size, device, what, knob) -> Streams:
     try:
         return Streams(ids, batch_size, device)
-    except Exception as e:  # Streams raises DataError for short text; name the file and the knob
-        from .errors import DataError
-
-        if isinstance(e, DataError):
-            raise DataError(f"{what}: {e} ({knob})") from None
-        raise
+    except DataError as e:  # too short for the batch: name the file and the knob to change
+        raise DataError(f"{what}: {e} ({knob})") from None
 
 
 def _warn_train_changes(new: Config, old: Config) -> None:
