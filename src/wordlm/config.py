@@ -97,6 +97,8 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
     precision: str = _opt("fp32", "fp32 or bf16 autocast", choices=("fp32", "bf16"))
     num_threads: int = _opt(0, "CPU threads for torch (0 = torch's default)", min=0)
+    compile: bool = _opt(False, "torch.compile the training step's forward (costs ~20 s at start; measured +15% "
+                         "tokens/s on the CPU bench model)")
     eval_every: int = _opt(0, "validate every N steps (0 = at the end of each epoch)", min=0)
     eval_batch_size: int = _opt(10, "streams used for validation", min=1)
     log_every: int = _opt(100, "steps between metrics.jsonl train records (the only host syncs)", min=1)

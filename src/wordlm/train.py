@@ -369,6 +369,8 @@ class _Loop:
 
             self.forward = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
             torch.manual_seed(tc.seed + dist.rank)  # same initial weights (broadcast), different dropout masks
+        if tc.compile:
+            self.forward = torch.compile(self.forward)
         params = list(self.model.parameters())
         if tc.optimizer in ("sgd", "ntasgd"):
             self.opt = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
