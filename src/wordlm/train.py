@@ -554,8 +554,7 @@ class _Loop:
                 if tc.skip_nonfinite and not bool(torch.isfinite(loss.detach() + gnorm)):
                     nonfinite_run += 1
                     self.nonfinite_total += 1
-                    self.opt.zero_grad(set_to_none=True)
-                    self.state = model.init_state(tc.batch_size)
+                    self.state = model.init_state(tc.batch_size)  # the carried state may hold the NaN too
                     self.metrics.write({"event": "nonfinite", "step": self.step, "epoch": self._epoch_float(),
                                         "in_a_row": nonfinite_run, "skipped_total": self.nonfinite_total})
                     log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
