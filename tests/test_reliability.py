@@ -234,9 +234,21 @@ def test_a_nan_loss_is_skipped_and_counted(small_corpus, tmp_path, monkeypatch):
     assert {r["step"] for r in recs if r["event"] == "train"} == set(range(1, 13)) - {5, 9}
 
 
+def test_a_skipped_step_changes_no_weight_and_no_optimizer_state(small_corpus, tmp_path, monkeypatch):
+    # The skip happens on the device (the fused optimizer's found_inf), so check it really is a no-op.
+    kw = dict(optimizer="adamw", lr=0.01, schedule="constant", log_every=100)
+    two = train(tiny_config(small_corpus, max_steps=2, **kw), tmp_path / "two")
+    _nan_at(monkeypatch, {3})
+    three = train(tiny_config(small_corpus, max_steps=3, **kw), tmp_path / "three")
+    for (name, a), b in zip(two.model.state_dict().items(), three.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    opt = load_checkpoint(tmp_path / "three", prefer="last", train_state=True).train_state["optimizer"]
+    assert {float(s["step"]) for s in opt["state"].values()} == {2.0}  # AdamW's step count did not advance
+
+
 def test_repeated_nans_stop_cleanly_keeping_the_last_good_checkpoint(small_corpus, tmp_path, monkeypatch):
     _nan_at(monkeypatch, set(range(11, 100)))
-    with pytest.raises(NonFiniteLossError, match="5 non-finite steps in a row at step 15: training stopped"):
+    with pytest.raises(NonFiniteLossError, match="5 non-finite steps in a row by step 15: training stopped"):
         train(tiny_config(small_corpus, max_steps=40, save_every=4, max_nonfinite=5), tmp_path / "run")
     last = load_checkpoint(tmp_path / "run", prefer="last", train_state=True)
     assert last.meta["step"] == 8  # the last save before the NaNs began

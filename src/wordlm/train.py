@@ -3,9 +3,11 @@
     train(config, out_dir) -> TrainResult
 
 writes OUT/config.toml (the resolved config), OUT/metrics.jsonl (one JSON object per event), OUT/last/ (full
-training state, for --resume) and OUT/best/ (the weights with the lowest validation loss). The only host
-synchronisations inside the loop are at log intervals, at validation, and (with train.skip_nonfinite, the
-default) one finiteness check per step, which costs nothing on the CPU.
+training state, for --resume) and OUT/best/ (the weights with the lowest validation loss). The loop itself
+makes no host synchronisation per step: the host reads the device only at log intervals, at validation and at
+checkpoints. Non-finite steps (train.skip_nonfinite) are skipped on the device, by handing the fused optimizer a
+`found_inf` flag as a gradient scaler would, and counted there; the counts are read at those same points. (The
+adaptive softmax, a PyTorch module, synchronises inside its forward.)
 """
 
 from __future__ import annotations
@@ -378,6 +380,11 @@ class _Loop:
         else:
             # fused: one kernel for the whole update instead of several per tensor (CPU and CUDA)
             self.opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+        # The skip flag the fused optimizers read (as with a GradScaler): a step with found_inf != 0 changes no
+        # weight, no momentum and no step count, and the host never has to look at the flag to make that happen.
+        self.found_inf = torch.zeros((), device=device)
+        if tc.skip_nonfinite:
+            self.opt.found_inf = self.found_inf
         self.model.ar_alpha, self.model.tar_beta = tc.ar_alpha, tc.tar_beta
         # NT-ASGD (Merity et al. 2017): plain SGD until validation stops improving, then the running average of
         # the iterates is the model that is evaluated and saved. PyTorch's AveragedModel keeps the average.
@@ -399,6 +406,10 @@ class _Loop:
         if tc.optimizer == "ntasgd" and tc.average_from_start and self.averaged is None:
             self._start_averaging()  # after the weights are loaded: the average starts from them
         self.metrics = _Metrics(out / "metrics.jsonl", self.step if resuming else None, dist.main)
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wordlm-checkpoint")
+        self._pending_saves: list = []
 
     # --- state ---------------------------------------------------------------------------------------------
     def _train_state(self) -> dict:
@@ -456,15 +467,27 @@ class _Loop:
         log.info("resuming %s at step %d (epoch %d)", self.out, self.step, self.epoch + 1)
 
     def _save(self, name: str, valid_loss: float | None = None) -> None:
+        """Write checkpoint `name` in the background: the weights and training state are copied to host memory
+        here (the copy is the only wait), the files are written, hashed and renamed into place by a writer
+        thread while training goes on. Saves are written in order, at most two behind."""
         full = name == "last"
         train_state = self._train_state() if full else None  # a collective under DDP: every rank takes part
         if not self.dist.main:
             return
-        save_checkpoint(self.out / name, model_state=self.eval_model.state_dict(), config=self.cfg,
-                        tokenizer=self.tokenizer, train_state=train_state,
-                        info={"step": self.step, "epoch": self.epoch, "tokens": self.tokens,
-                              "valid_loss": valid_loss if valid_loss is not None else self.best,
-                              "num_parameters": num_parameters(self.model)})
+        model_state = _host_copy(self.eval_model.state_dict())
+        train_state = _host_copy(train_state)
+        info = {"step": self.step, "epoch": self.epoch, "tokens": self.tokens,
+                "valid_loss": valid_loss if valid_loss is not None else self.best,
+                "num_parameters": num_parameters(self.model)}
+        self._pending_saves.append(self._writer.submit(
+            save_checkpoint, self.out / name, model_state=model_state, config=self.cfg, tokenizer=self.tokenizer,
+            train_state=train_state, info=info))
+        self._wait_for_saves(keep=2)  # bounded host memory: at most two copies waiting for the disk
+
+    def _wait_for_saves(self, keep: int = 0) -> None:
+        """Block until at most `keep` background saves are unfinished; re-raise a failed save's error here."""
+        while self._pending_saves and (len(self._pending_saves) > keep or self._pending_saves[0].done()):
+            self._pending_saves.pop(0).result()
 
     # --- the loop ------------------------------------------------------------------------------------------
     def _start_averaging(self) -> None:
@@ -515,7 +538,10 @@ class _Loop:
         model.train()
         params = list(model.parameters())
         run_loss = torch.zeros((), device=self.device)
-        run_count, nonfinite_run = 0, 0
+        # On the device: [skipped steps since the last read, current streak, longest streak since the last read,
+        # good steps since the last read]. Read (one sync) at log intervals, before checkpoints and validation.
+        self.nf = torch.zeros(4, device=self.device)
+        self.nonfinite_run = 0
         t_log, tokens_log = time.perf_counter(), self.tokens
         self._t_mark = time.perf_counter()
         stop_reason = "finished"
@@ -551,46 +577,48 @@ class _Loop:
                 self.step += 1
                 self.row += x.shape[0]
                 self.tokens += x.numel() * self.dist.world
-                if tc.skip_nonfinite and not bool(torch.isfinite(loss.detach() + gnorm)):
-                    nonfinite_run += 1
-                    self.nonfinite_total += 1
-                    self.state = model.init_state(tc.batch_size)  # the carried state may hold the NaN too
-                    self.metrics.write({"event": "nonfinite", "step": self.step, "epoch": self._epoch_float(),
-                                        "in_a_row": nonfinite_run, "skipped_total": self.nonfinite_total})
-                    log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                                self.step, nonfinite_run)
-                    if nonfinite_run >= tc.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{nonfinite_run} non-finite steps in a row at step {self.step}: training stopped; "
-                            f"the last good checkpoint in {self.out} is kept. Lower train.lr or train.clip")
-                else:
-                    nonfinite_run = 0
+                loss = loss.detach()
+                if tc.skip_nonfinite:
+                    bad = ~torch.isfinite(loss + gnorm)
+                    self.found_inf.copy_(bad)  # the fused optimizer skips the whole update when this is 1
                     self.opt.step()
-                    if self.averaged is not None:
-                        self.averaged.update_parameters(self.model)
+                    self.state = tuple(torch.where(bad, 0.0, s) for s in state)  # the state may hold the NaN too
+                    run_loss += torch.where(bad, 0.0, loss)
+                    b = bad.float()
+                    self.nf[1].add_(1).mul_(b)  # the streak: +1 on a skipped step, back to 0 on a good one
+                    self.nf += torch.stack((b, torch.zeros_like(b), torch.zeros_like(b), 1 - b))
+                    torch.maximum(self.nf[2], self.nf[1], out=self.nf[2])
+                else:
+                    self.opt.step()
                     self.state = state
-                    run_loss += loss.detach()
-                    run_count += 1
+                    run_loss += loss
+                    self.nf[3] += 1
+                if self.averaged is not None:
+                    self.averaged.update_parameters(self.model)  # a skipped step leaves the weights as they were
                 bar.update(1)
-                if self.step % tc.log_every == 0 and run_count:
-                    now = time.perf_counter()
-                    train_loss = self.dist.mean(run_loss).item() / run_count  # the log-interval host sync
-                    tok_s = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
-                    self._tick()
-                    self.metrics.write({"event": "train", "step": self.step, "epoch": self._epoch_float(),
-                                        "tokens": self.tokens, "loss": train_loss, "ppl": _ppl(train_loss),
-                                        "lr": lr, "tokens_per_s": round(tok_s, 1),
-                                        "elapsed_s": round(self.elapsed, 3)})
-                    bar.set_postfix(loss=f"{train_loss:.3f}", ppl=f"{_ppl(train_loss):.1f}", lr=f"{lr:.3g}",
-                                    tok_s=f"{tok_s:,.0f}")
-                    run_loss.zero_()
-                    run_count, t_log, tokens_log = 0, now, self.tokens
+                if self.step % tc.log_every == 0:
+                    good = self._read_nonfinite()  # the log-interval host sync
+                    if good:
+                        now = time.perf_counter()
+                        train_loss = self.dist.mean(run_loss).item() / good
+                        tok_s = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
+                        self._tick()
+                        self.metrics.write({"event": "train", "step": self.step, "epoch": self._epoch_float(),
+                                            "tokens": self.tokens, "loss": train_loss, "ppl": _ppl(train_loss),
+                                            "lr": lr, "tokens_per_s": round(tok_s, 1),
+                                            "elapsed_s": round(self.elapsed, 3)})
+                        bar.set_postfix(loss=f"{train_loss:.3f}", ppl=f"{_ppl(train_loss):.1f}", lr=f"{lr:.3g}",
+                                        tok_s=f"{tok_s:,.0f}")
+                        run_loss.zero_()
+                        t_log, tokens_log = now, self.tokens
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     if self._validate_then_stop():
                         stop_reason = "early stop: validation stopped improving"
                         break
-                elif tc.save_every and self.step % tc.save_every == 0 and nonfinite_run == 0:
-                    self._save("last")
+                elif tc.save_every and self.step % tc.save_every == 0:
+                    self._read_nonfinite()
+                    if self.nonfinite_run == 0:  # never save in the middle of a streak of skipped steps
+                        self._save("last")
                 stopping = self.stop.signum is not None
                 if self.dist.world > 1 and self.step % tc.log_every == 0:
                     stopping = self.dist.any(stopping)  # all ranks stop at the same step
@@ -598,18 +626,41 @@ class _Loop:
                     stopping = False
                 if stopping:
                     self._tick()
+                    self._read_nonfinite()
                     self._save("last")
                     name = signal.Signals(self.stop.signum or signal.SIGTERM).name
                     raise TrainingInterrupted(f"stopped by {name} at step {self.step}; {self.out / 'last'} saved; "
                                               f"continue with: wordlm train --out {self.out} --resume")
             self._tick()
             if self.last_eval_step != self.step:
+                self._read_nonfinite()
                 self.validate()
         finally:
             bar.close()
             self.metrics.close()
+            try:
+                self._wait_for_saves()  # every checkpoint is on disk before train() returns or raises
+            finally:
+                self._writer.shutdown()
         return TrainResult(self.out, self.step, self._epoch_float(), self.tokens, self.best, _ppl(self.best),
                            self.elapsed, stop_reason, num_parameters(model), model)
+
+    def _read_nonfinite(self) -> int:
+        """Read the device-side step counters (one host sync), log skipped steps, and stop on a long streak.
+        Returns the number of good steps since the last read; the counters start again from zero."""
+        skipped, streak, longest, good = (int(v) for v in self.nf.tolist())
+        self.nf[0], self.nf[2], self.nf[3] = 0, streak, 0
+        self.nonfinite_run = streak
+        if skipped:
+            self.nonfinite_total += skipped
+            self.metrics.write({"event": "nonfinite", "step": self.step, "epoch": self._epoch_float(),
+                                "skipped": skipped, "in_a_row": streak, "skipped_total": self.nonfinite_total})
+            log.warning("%d non-finite step(s) skipped by step %d (%d in a row now)", skipped, self.step, streak)
+        if longest >= self.tc.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{longest} non-finite steps in a row by step {self.step}: training stopped; the last good "
+                f"checkpoint in {self.out} is kept. Lower train.lr or train.clip")
+        return good
 
     def _tick(self) -> None:
         """Add the wall time since the last tick to `elapsed` (kept across resumes)."""
@@ -620,8 +671,20 @@ class _Loop:
     def _validate_then_stop(self) -> bool:
         """Validate (and checkpoint); True when patience says training should stop."""
         self._tick()
+        self._read_nonfinite()
         self.validate()
         return bool(self.tc.patience) and self.bad_evals >= self.tc.patience
+
+
+def _host_copy(obj):
+    """A copy of a (nested) state dict whose tensors live in host memory and share nothing with training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
 
 
 def _ppl(loss: float) -> float:
