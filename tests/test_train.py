@@ -82,6 +82,18 @@ def test_schedules():
     assert cos.at_step(60) == pytest.approx(0.55) and cos.at_step(110) == pytest.approx(0.1)
 
 
+def test_a_time_budget_anneals_over_the_seconds_and_stops_training(small_corpus, tmp_path):
+    cos = Schedule(TrainConfig(schedule="cosine", lr=1.0, min_lr=0.0, time_budget_s=100, epochs=0), 1 << 62)
+    assert cos.at_step(5, elapsed_s=0) == pytest.approx(1.0)
+    assert cos.at_step(5, elapsed_s=50) == pytest.approx(0.5) and cos.at_step(5, elapsed_s=100) == pytest.approx(0)
+    bounded = Schedule(TrainConfig(schedule="cosine", lr=1.0, time_budget_s=100), 10)
+    assert bounded.at_step(10, elapsed_s=1) == pytest.approx(0)  # the steps ran out first
+    result = train(tiny_config(small_corpus, epochs=0, time_budget_s=1.5, schedule="cosine"), tmp_path / "run")
+    assert result.stop_reason == "time budget: 1.5 s"
+    assert 1.5 <= result.elapsed_s < 10 and result.epochs_done > 1  # several epochs of the tiny corpus
+    assert (tmp_path / "run" / "best" / "meta.json").is_file()
+
+
 def test_ctrl_c_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path, monkeypatch):
     cfg = tiny_config(small_corpus, epochs=3, eval_every=7, optimizer="adamw", lr=0.01,
                       schedule="cosine", warmup_steps=3)

@@ -92,6 +92,8 @@ class TrainConfig:
     min_lr: float = _opt(0.0, "cosine: final learning rate", min=0.0)
     epochs: int = _opt(1, "passes over the training text (0 = only max_steps limits)", min=0)
     max_steps: int = _opt(0, "stop after this many optimizer steps (0 = no limit)", min=0)
+    time_budget_s: float = _opt(0.0, "stop after this many seconds of training, validation included (0 = no "
+                                "limit); a cosine schedule then anneals over the time as well as the steps", min=0.0)
     clip: float = _opt(5.0, "clip the global gradient norm to this (0 = off)", min=0.0)
     seed: int = _opt(1111, "seed for torch and python RNGs", min=0)
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
@@ -248,8 +250,8 @@ def validate(cfg: Config) -> list[str]:
         cuts = m.adaptive_cutoffs
         if not cuts or any(c <= 0 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:], strict=False)):
             problems.append(f"model.adaptive_cutoffs must be increasing positive integers, got {cuts!r}")
-    if t.epochs == 0 and t.max_steps == 0:
-        problems.append("train.epochs and train.max_steps are both 0: set at least one of them")
+    if t.epochs == 0 and t.max_steps == 0 and t.time_budget_s == 0:
+        problems.append("train.epochs, train.max_steps and train.time_budget_s are all 0: set at least one of them")
     if tok.kind == "sentencepiece" and tok.vocab_size < 8:
         problems.append(f"tokenizer.vocab_size must be >= 8 for sentencepiece, got {tok.vocab_size}")
     if t.device != "auto" and t.device != "cpu" and not (t.device == "cuda" or t.device.startswith("cuda:")):

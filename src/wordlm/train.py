@@ -61,14 +61,17 @@ class Schedule:
         self.cfg, self.total_steps = cfg, max(total_steps, 1)
         self.lr = cfg.lr  # the current rate for plateau/step; the peak for cosine
 
-    def at_step(self, step: int) -> float:
-        """The rate for optimizer step `step` (0-based)."""
+    def at_step(self, step: int, elapsed_s: float = 0.0) -> float:
+        """The rate for optimizer step `step` (0-based), `elapsed_s` seconds into training. With a time budget
+        the cosine follows whichever limit is nearer: the steps or the seconds."""
         c = self.cfg
         if c.schedule != "cosine":
             return self.lr
         if step < c.warmup_steps:
             return c.lr * (step + 1) / c.warmup_steps
         progress = min(1.0, (step - c.warmup_steps) / max(1, self.total_steps - c.warmup_steps))
+        if c.time_budget_s:
+            progress = max(progress, min(1.0, elapsed_s / c.time_budget_s))
         return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
 
     def start_epoch(self, epoch: int) -> None:
@@ -392,7 +395,8 @@ class _Loop:
         self.valid_history: list[float] = []
         self.windows_per_epoch = train_streams.num_windows(tc.seq_len)
         by_epochs = tc.epochs * self.windows_per_epoch if tc.epochs else None
-        self.total_steps = min(x for x in (by_epochs, tc.max_steps or None) if x is not None)
+        self.total_steps = min((x for x in (by_epochs, tc.max_steps or None) if x is not None),
+                               default=1 << 62)  # only a time budget
         self.schedule = Schedule(tc, self.total_steps)
         # Position and history; overwritten when resuming.
         self.step, self.epoch, self.row, self.tokens, self.elapsed = 0, 0, 0, 0, 0.0
@@ -514,7 +518,7 @@ class _Loop:
         self.last_eval_step = self.step
         self.metrics.write({"event": "valid", "step": self.step, "epoch": self._epoch_float(),
                             "tokens": self.tokens, "valid_loss": loss, "valid_ppl": _ppl(loss),
-                            "best_valid_ppl": _ppl(self.best), "lr": self.schedule.at_step(self.step),
+                            "best_valid_ppl": _ppl(self.best), "lr": self.schedule.at_step(self.step, self.elapsed),
                             "elapsed_s": round(self.elapsed, 3)})
         if improved:
             self._save("best", loss)
@@ -531,7 +535,7 @@ class _Loop:
         tc, model = self.tc, self.model
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
+        bar = tqdm(total=self.total_steps if self.total_steps < 1 << 62 else None, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc="train")
         log.info("model: %s parameters, vocabulary %d, %d windows per epoch, device %s",
                  f"{num_parameters(model):,}", self.tokenizer.vocab_size, self.windows_per_epoch, self.device)
@@ -557,7 +561,15 @@ class _Loop:
                         stop_reason = "early stop: validation stopped improving"
                         break
                     self.schedule.start_epoch(self.epoch + 1)
-                lr = self.schedule.at_step(self.step)
+                if tc.time_budget_s:
+                    self._tick()
+                    out_of_time = self.elapsed >= tc.time_budget_s
+                    if self.dist.world > 1:  # every rank must stop at the same step
+                        out_of_time = self.step % tc.log_every == 0 and self.dist.any(out_of_time)
+                    if out_of_time:
+                        stop_reason = f"time budget: {tc.time_budget_s:g} s"
+                        break
+                lr = self.schedule.at_step(self.step, self.elapsed)
                 seq_len = tc.seq_len
                 if tc.variable_bptt:  # AWD-LSTM: lengths vary so windows do not always start at the same tokens
                     base = tc.seq_len if random.random() < 0.95 else tc.seq_len / 2
