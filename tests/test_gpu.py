@@ -29,3 +29,33 @@ def test_training_on_the_gpu(small_corpus, tmp_path):
 
     result = train(tiny_config(small_corpus, device="cuda", epochs=2, precision="bf16"), tmp_path / "run")
     assert result.best_valid_ppl < 18
+
+
+def _sync_warnings(cfg, out) -> int:
+    from wordlm.train import train
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(cfg, out)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_the_training_loop_makes_no_host_sync_per_step(small_corpus, tmp_path):
+    # Only the setup, the log intervals, validation and checkpoints may sync: 60 more steps add none.
+    torch.cuda.set_sync_debug_mode("warn")
+    try:  # the probe itself: every sync warns, not just the first from a place
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(5):
+                torch.ones(1, device="cuda").item()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert sum("synchroniz" in str(w.message) for w in caught) == 5
+    kw = dict(device="cuda", log_every=10_000, eval_every=10_000, epochs=0, schedule="cosine")
+    short = _sync_warnings(tiny_config(small_corpus, max_steps=30, **kw), tmp_path / "short")
+    long = _sync_warnings(tiny_config(small_corpus, max_steps=90, **kw), tmp_path / "long")
+    assert long - short < 5, (short, long)

@@ -106,7 +106,8 @@ class TrainConfig:
     log_every: int = _opt(100, "steps between metrics.jsonl train records (the only host syncs)", min=1)
     save_every: int = _opt(0, "also write last/ every N steps (0 = only at each validation)", min=0)
     patience: int = _opt(0, "stop after this many validations without improvement (0 = never)", min=0)
-    skip_nonfinite: bool = _opt(True, "skip steps whose loss or gradient is NaN/inf (decided on the device: no host sync)")
+    skip_nonfinite: bool = _opt(True, "skip steps whose loss or gradient is NaN/inf (decided on the device: no "
+                                "host sync)")
     max_nonfinite: int = _opt(5, "stop after this many non-finite steps in a row", min=1)
     nonmono: int = _opt(5, "ntasgd: start averaging when validation is worse than the best of all but the last "
                         "nonmono validations", min=1)

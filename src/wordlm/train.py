@@ -535,8 +535,8 @@ class _Loop:
         tc, model = self.tc, self.model
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total_steps if self.total_steps < 1 << 62 else None, initial=self.step, disable=not self.progress, unit="step",
-                   dynamic_ncols=True, desc="train")
+        bar = tqdm(total=self.total_steps if self.total_steps < 1 << 62 else None, initial=self.step,
+                   disable=not self.progress, unit="step", dynamic_ncols=True, desc="train")
         log.info("model: %s parameters, vocabulary %d, %d windows per epoch, device %s",
                  f"{num_parameters(model):,}", self.tokenizer.vocab_size, self.windows_per_epoch, self.device)
         model.train()

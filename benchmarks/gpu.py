@@ -1,0 +1,190 @@
+"""GPU training throughput: wordlm's training loop against a raw nn.LSTM step, measured in one process.
+
+The model is the medium one of Zaremba et al. (2x650 LSTM, 10,000-word Penn Treebank vocabulary, dropout 0.5,
+untied, full softmax), at batch 20 in fp32 and at batch 128 in bf16 autocast, sequence length 35.
+
+- raw step: embedding -> nn.LSTM -> linear -> cross-entropy, backward, clip_grad_norm_, a per-parameter SGD
+  update, as the word_language_model example does it, but with no host sync at all: the steps are timed with
+  CUDA events around the whole run. This is the ceiling a training loop can approach.
+- example loop: the same step plus the example's `loss.item()` every step (one host sync per step).
+- wordlm: wordlm.train.train() on configs/ptb-medium.toml with the same batch and precision; its tokens/s is
+  read from the metrics.jsonl that loop writes (the first log interval, the warm-up, excluded).
+
+    python benchmarks/gpu.py --data ../shared/data/ptb           # about a minute on one H200
+    python benchmarks/gpu.py --device cpu --steps 3 --hidden 64  # a smoke run of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from wordlm.config import load_config  # noqa: E402
+from wordlm.data import Streams, encode_file, iter_lines  # noqa: E402
+from wordlm.evaluate import autocast, total_nll  # noqa: E402
+from wordlm.tokenizer import fit_tokenizer  # noqa: E402
+from wordlm.train import train  # noqa: E402
+
+SEQ = 35
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Plain(nn.Module):
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.encoder = nn.Embedding(vocab, hidden)
+        self.rnn = nn.LSTM(hidden, hidden, 2, dropout=0.5)
+        self.drop = nn.Dropout(0.5)
+        self.decoder = nn.Linear(hidden, vocab)
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.05, 0.05)
+
+    def forward(self, x, hidden):
+        out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
+        return self.decoder(self.drop(out)), hidden
+
+
+def raw_loop(ids: torch.Tensor, vocab: int, hidden: int, batch: int, precision: str, steps: int,
+             device: torch.device, item_every_step: bool) -> float:
+    """Tokens/s of the plain step over `steps` steps after a warm-up."""
+    torch.manual_seed(0)
+    model = Plain(vocab, hidden).to(device)
+    crit = nn.CrossEntropyLoss()
+    n = ids.numel() // batch
+    data = ids[: n * batch].view(batch, n).t().contiguous().to(device)
+    state, i, lr = None, 0, 20.0
+    warmup = 10
+
+    def step():
+        nonlocal state, i
+        if i + SEQ + 1 >= n:
+            i, state = 0, None
+        x, y = data[i: i + SEQ], data[i + 1: i + 1 + SEQ]
+        i += SEQ
+        if state is not None:
+            state = tuple(h.detach() for h in state)
+        model.zero_grad()
+        with autocast(device, precision):
+            out, state = model(x, state)
+            loss = crit(out.view(-1, vocab).float(), y.reshape(-1))
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(p.grad, alpha=-lr)
+        if item_every_step:
+            loss.item()
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * batch * SEQ / (time.perf_counter() - t0)
+
+
+def wordlm_loop(config: Path, data: Path, hidden: int, batch: int, precision: str, steps: int,
+                device: torch.device, tmp: Path) -> float:
+    log_every = max(1, steps // 5)
+    small_valid = tmp / "valid-head.txt"  # the closing validation is not what is measured
+    with open(data / "valid.txt", encoding="utf-8") as f:
+        small_valid.write_text("".join(f.readline() for _ in range(20)))
+    cfg = load_config(config, [
+        f"data.train={data / 'train.txt'}", f"data.valid={small_valid}", f"data.test={data / 'test.txt'}",
+        f"model.embedding_size={hidden}", f"model.hidden_size={hidden}", f"train.batch_size={batch}",
+        f"train.precision={precision}", f"train.device={device.type}", "train.epochs=0", "train.eval_every=0",
+        f"train.max_steps={steps + log_every}", f"train.log_every={log_every}", "train.save_every=0"])
+    out = tmp / f"run-{batch}-{precision}"
+    train(cfg, out)
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    tr = [r for r in recs if r["event"] == "train"]
+    intervals = [(b["tokens"] - a["tokens"], b["tokens_per_s"]) for a, b in zip(tr, tr[1:], strict=False)]
+    return sum(n for n, _ in intervals) / sum(n / rate for n, rate in intervals)
+
+
+def use_rows(config: Path, data: Path, hidden: int, device: torch.device) -> dict:
+    """Evaluation tokens/s (valid, batch 10) and one-stream next-token latency of the untrained 2x650 model."""
+    from wordlm.generate import continue_ids
+    from wordlm.model import build_model
+
+    cfg = load_config(config, [f"model.embedding_size={hidden}", f"model.hidden_size={hidden}"])
+    tok = fit_tokenizer(cfg.tokenizer, lambda: iter_lines(data / "train.txt"))
+    model = build_model(cfg.model, tok.vocab_size, device).eval()
+    streams = Streams(encode_file(data / "valid.txt", tok).ids, 10, device)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        total_nll(model, streams, SEQ, precision)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        total_nll(model, streams, SEQ, precision)
+        sync(device)
+        out[f"eval_{precision}_tokens_per_s"] = streams.targets / (time.perf_counter() - t0)
+    gen = continue_ids(model, [tok.eos_id], 201, seed=0)
+    next(gen)
+    t0 = time.perf_counter()
+    for _ in gen:
+        pass
+    out["next_token_ms"] = (time.perf_counter() - t0) / 200 * 1000
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ptb")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "ptb-medium.toml")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=300, help="timed steps per row")
+    ap.add_argument("--hidden", type=int, default=650)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"# command: python benchmarks/gpu.py --data {args.data} --steps {args.steps}"
+          + (f" --device {args.device} --hidden {args.hidden}" if args.device != "cuda" or args.hidden != 650 else ""))
+    cfg = load_config(args.config, [f"data.train={args.data / 'train.txt'}"])
+    tok = fit_tokenizer(cfg.tokenizer, lambda: iter_lines(args.data / "train.txt"))
+    ids = torch.from_numpy(encode_file(args.data / "train.txt", tok).ids[:].astype("int64"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch, precision in ((20, "fp32"), (128, "bf16")):
+            r = {"batch": batch, "precision": precision}
+            r["raw"] = raw_loop(ids, tok.vocab_size, args.hidden, batch, precision, args.steps, device, False)
+            r["example"] = raw_loop(ids, tok.vocab_size, args.hidden, batch, precision, args.steps, device, True)
+            r["wordlm"] = wordlm_loop(args.config, args.data, args.hidden, batch, precision, args.steps, device,
+                                      Path(tmp))
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    use = use_rows(args.config, args.data, args.hidden, device)
+    print(f"\n## training tokens/s, {args.hidden}x2 LSTM, 10k vocabulary, seq {SEQ}\n")
+    print("| batch | precision | raw step (no sync) | example loop (.item() per step) | wordlm | wordlm / raw |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['batch']} | {r['precision']} | {r['raw']:,.0f} | {r['example']:,.0f} | {r['wordlm']:,.0f} | "
+              f"{r['wordlm'] / r['raw']:.2f}x |")
+    print(f"\nevaluation (valid, batch 10): {use['eval_fp32_tokens_per_s']:,.0f} tok/s fp32, "
+          f"{use['eval_bf16_tokens_per_s']:,.0f} tok/s bf16; next-token latency (one stream): "
+          f"{use['next_token_ms']:.2f} ms")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows, **use}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

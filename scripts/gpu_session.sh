@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU checks and figures of issues #3 and #4 in one script that fits a 10-minute call on one GPU:
+#   1. the GPU tests (pytest -m gpu): weight drop on cuDNN without warnings, no host sync per training step;
+#   2. benchmarks/gpu.py: wordlm's training loop against a raw nn.LSTM step, batch 20 fp32 and batch 128 bf16;
+#   3. configs/ptb-medium-gpu.toml with its 120 s budget, then with 60 s, each evaluated on test at batch 1;
+#   4. configs/ptb-medium.toml (the paper's recipe) for whatever time is left, evaluated the same way.
+# Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
+# A smoke run of the script itself on a CPU (small model, skipped GPU tests; about 4 minutes):
+#   EXTRA="--set model.hidden_size=32 --set model.embedding_size=32 --set train.device=cpu" \
+#   BENCH="--device cpu --steps 3 --hidden 32" LIMIT=200 bash scripts/gpu_session.sh
+# Runs from a source tree (PYTHONPATH=src); needs torch with CUDA, typer, tqdm, sentencepiece, pytest.
+# Writes OUT/session.log, OUT/metrics-*.jsonl and the 120 s model as OUT/model.tar.part-* (files of < 16 MB,
+# rejoin with: cat model.tar.part-* | tar x).
+set -u
+cd "$(dirname "$0")/.."
+DATA=$(realpath "${DATA:-../shared/data/ptb}")
+OUT=$(realpath -m "${OUT:-/tmp/gpu-out}")
+RUNS=${RUNS:-/tmp/wordlm-gpu-runs}
+LIMIT=${LIMIT:-575}   # seconds this script may take in all; the paper recipe gets what is left
+mkdir -p "$OUT" "$RUNS"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 WORDLM_CACHE_DIR=${WORDLM_CACHE_DIR:-/tmp/wordlm-cache}
+T0=$(date +%s)
+LOG=$OUT/session.log
+say() { echo "=== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
+wordlm() { python3 -m wordlm "$@"; }
+splits=(--set "data.train=$DATA/train.txt" --set "data.valid=$DATA/valid.txt" --set "data.test=$DATA/test.txt")
+
+run_and_test() {  # NAME SECONDS_LIMIT CONFIG [--set ...]: train, then test perplexity at batch 1
+    local name=$1 limit=$2 config=$3
+    shift 3
+    say "train $name ($config $*)"
+    timeout "$limit" python3 -m wordlm train --config "$config" --out "$RUNS/$name" --overwrite "${splits[@]}" ${EXTRA:-} "$@" \
+        2>&1 | tail -n 6 | tee -a "$LOG"
+    cp "$RUNS/$name/metrics.jsonl" "$OUT/metrics-$name.jsonl" 2>/dev/null
+    say "test $name (batch 1)"
+    wordlm eval "$RUNS/$name" --split test --batch-size 1 --json 2>&1 | tail -n 1 | tee -a "$LOG"
+    python3 - "$RUNS/$name/metrics.jsonl" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+valid = [r for r in recs if r["event"] == "valid"]
+hit = next((r for r in valid if r["valid_ppl"] <= 80), None)
+best = min(valid, key=lambda r: r["valid_ppl"])
+print(f"validations {len(valid)}; best valid ppl {best['valid_ppl']:.2f} at {best['elapsed_s']:.1f} s "
+      f"(epoch {best['epoch']}); valid <= 80 first at " + (f"{hit['elapsed_s']:.1f} s (epoch {hit['epoch']}, "
+      f"ppl {hit['valid_ppl']:.2f})" if hit else "never"))
+EOF
+}
+
+say "machine"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  python3 -c "import torch, typer, tqdm, sentencepiece; print('torch', torch.__version__, torch.version.cuda,
+torch.cuda.get_device_name(), 'cudnn', torch.backends.cudnn.version())"; } 2>&1 | tee -a "$LOG"
+
+say "GPU tests"
+timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -n 15 | tee -a "$LOG"
+
+say "benchmark"
+timeout 150 python3 benchmarks/gpu.py --data "$DATA" ${BENCH:-} 2>&1 | grep -v Warning | tail -n 14 | tee -a "$LOG"
+
+run_and_test medium-gpu-120 170 configs/ptb-medium-gpu.toml
+say "pack the 120 s model"
+(cd "$RUNS/medium-gpu-120" && tar cf - best config.toml metrics.jsonl) | split -b 15m - "$OUT/model.tar.part-"
+ls -l "$OUT" | tee -a "$LOG"
+
+run_and_test medium-gpu-60 110 configs/ptb-medium-gpu.toml --set train.time_budget_s=60
+
+left=$(( LIMIT - ($(date +%s) - T0) - 25 ))
+if [ "$left" -gt 60 ]; then
+    run_and_test medium-paper $(( left + 15 )) configs/ptb-medium.toml --set "train.time_budget_s=$left"
+else
+    say "no time left for configs/ptb-medium.toml ($left s)"
+fi
+say "done"
