@@ -82,6 +82,28 @@ def test_schedules():
     assert cos.at_step(60) == pytest.approx(0.55) and cos.at_step(110) == pytest.approx(0.1)
 
 
+def test_a_train_record_averages_its_own_steps_across_a_validation(small_corpus, tmp_path):
+    # With a learning rate this small the loss hardly moves, so every train record must show about the same loss;
+    # a record whose average counted the steps since a validation, not since the last record, would not.
+    train(tiny_config(small_corpus, max_steps=40, lr=1e-6, log_every=8, eval_every=5), tmp_path / "run")
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "train"]
+    assert len(losses) == 5 and max(losses) - min(losses) < 0.05, losses
+
+
+def test_tied_weights_are_saved_once(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, max_steps=2)
+    cfg.model.tie_weights, cfg.model.hidden_size, cfg.model.embedding_size = True, 64, 64
+    train(cfg, tmp_path / "tied")
+    cfg.model.tie_weights = False
+    train(cfg, tmp_path / "untied")
+    tied = load_checkpoint(tmp_path / "tied")
+    assert tied.model_state["embedding.weight"].data_ptr() == tied.model_state["decoder.weight"].data_ptr()
+    size = {n: (tmp_path / n / "best" / "model.pt").stat().st_size for n in ("tied", "untied")}
+    vocab_matrix = 4 * 64 * tied.model_state["embedding.weight"].shape[0]
+    assert size["untied"] - size["tied"] >= 0.9 * vocab_matrix
+
+
 def test_a_time_budget_anneals_over_the_seconds_and_stops_training(small_corpus, tmp_path):
     cos = Schedule(TrainConfig(schedule="cosine", lr=1.0, min_lr=0.0, time_budget_s=100, epochs=0), 1 << 62)
     assert cos.at_step(5, elapsed_s=0) == pytest.approx(1.0)

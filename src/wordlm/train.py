@@ -622,6 +622,7 @@ class _Loop:
                         bar.set_postfix(loss=f"{train_loss:.3f}", ppl=f"{_ppl(train_loss):.1f}", lr=f"{lr:.3g}",
                                         tok_s=f"{tok_s:,.0f}")
                         run_loss.zero_()
+                        self.nf[3] = 0
                         t_log, tokens_log = now, self.tokens
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     if self._validate_then_stop():
@@ -659,9 +660,9 @@ class _Loop:
 
     def _read_nonfinite(self) -> int:
         """Read the device-side step counters (one host sync), log skipped steps, and stop on a long streak.
-        Returns the number of good steps since the last read; the counters start again from zero."""
+        Returns the number of good steps since the last train record (the log step resets that count)."""
         skipped, streak, longest, good = (int(v) for v in self.nf.tolist())
-        self.nf[0], self.nf[2], self.nf[3] = 0, streak, 0
+        self.nf[0], self.nf[2] = 0, streak
         self.nonfinite_run = streak
         if skipped:
             self.nonfinite_total += skipped
@@ -688,14 +689,20 @@ class _Loop:
         return bool(self.tc.patience) and self.bad_evals >= self.tc.patience
 
 
-def _host_copy(obj):
-    """A copy of a (nested) state dict whose tensors live in host memory and share nothing with training."""
+def _host_copy(obj, _seen: dict | None = None):
+    """A copy of a (nested) state dict whose tensors live in host memory and share nothing with training.
+    Tensors that are views of the same memory (tied weights) stay shared, so they are saved once."""
+    seen = {} if _seen is None else _seen
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype,
+               obj.device)
+        if key not in seen:
+            seen[key] = obj.detach().to("cpu", copy=True)
+        return seen[key]
     if isinstance(obj, dict):
-        return {k: _host_copy(v) for k, v in obj.items()}
+        return {k: _host_copy(v, seen) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_host_copy(v) for v in obj)
+        return type(obj)(_host_copy(v, seen) for v in obj)
     return obj
 
 
