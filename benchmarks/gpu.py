@@ -109,7 +109,8 @@ def wordlm_loop(config: Path, data: Path, hidden: int, batch: int, precision: st
     cfg = load_config(config, [
         f"data.train={data / 'train.txt'}", f"data.valid={small_valid}", f"data.test={data / 'test.txt'}",
         f"model.embedding_size={hidden}", f"model.hidden_size={hidden}", f"train.batch_size={batch}",
-        f"train.precision={precision}", f"train.device={device.type}", "train.epochs=0", "train.eval_every=0",
+        f"train.precision={precision}", f"train.device={device.type}", "train.epochs=0",
+        "train.eval_every=1000000",  # no validation (and checkpoint) at an epoch boundary inside the timed steps
         f"train.max_steps={steps + log_every}", f"train.log_every={log_every}", "train.save_every=0"])
     out = tmp / f"run-{batch}-{precision}"
     train(cfg, out)
