@@ -91,7 +91,11 @@ def test_a_train_record_averages_its_own_steps_across_a_validation(small_corpus,
     assert len(losses) == 5 and max(losses) - min(losses) < 0.05, losses
 
 
-def test_tied_weights_are_saved_once(small_corpus, tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync-saves", "background-saves"])
+def test_tied_weights_are_saved_once(small_corpus, tmp_path, monkeypatch, background):
+    from wordlm.train import _Loop
+
+    monkeypatch.setattr(_Loop, "background_saves", background)
     cfg = tiny_config(small_corpus, max_steps=2)
     cfg.model.tie_weights, cfg.model.hidden_size, cfg.model.embedding_size = True, 64, 64
     train(cfg, tmp_path / "tied")
@@ -116,7 +120,11 @@ def test_a_time_budget_anneals_over_the_seconds_and_stops_training(small_corpus,
     assert (tmp_path / "run" / "best" / "meta.json").is_file()
 
 
-def test_ctrl_c_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("background", [False, True], ids=["sync-saves", "background-saves"])
+def test_ctrl_c_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path, monkeypatch, background):
+    from wordlm.train import _Loop
+
+    monkeypatch.setattr(_Loop, "background_saves", background)  # the GPU's way of saving, run on the CPU
     cfg = tiny_config(small_corpus, epochs=3, eval_every=7, optimizer="adamw", lr=0.01,
                       schedule="cosine", warmup_steps=3)
     cfg.model.dropout = 0.3  # dropout draws random numbers: the RNG state must be restored too

@@ -361,6 +361,7 @@ def _warn_train_changes(new: Config, old: Config) -> None:
 
 
 class _Loop:
+    background_saves: bool | None = None  # None: in the background on accelerators, synchronous on the CPU
     def __init__(self, cfg: Config, out: Path, device: torch.device, dist: Distributed, tokenizer: Tokenizer,
                  train_streams: Streams, valid_streams: Streams, ckpt, stop: _StopFlag, progress: bool):
         self.cfg, self.tc, self.out, self.device, self.dist = cfg, cfg.train, out, device, dist
@@ -471,21 +472,27 @@ class _Loop:
         log.info("resuming %s at step %d (epoch %d)", self.out, self.step, self.epoch + 1)
 
     def _save(self, name: str, valid_loss: float | None = None) -> None:
-        """Write checkpoint `name` in the background: the weights and training state are copied to host memory
-        here (the copy is the only wait), the files are written, hashed and renamed into place by a writer
-        thread while training goes on. Saves are written in order, at most two behind."""
+        """Write checkpoint `name`. On a GPU the write happens in the background: the weights and training state
+        are copied to host memory here (a copy torch.save would make anyway; it is the only wait), then written,
+        hashed and renamed into place by a writer thread while the GPU trains on, in order, at most two behind.
+        On the CPU the save is synchronous: a snapshot would cost a second copy of the weights and optimizer
+        state in memory, and the write is short next to CPU training."""
         full = name == "last"
         train_state = self._train_state() if full else None  # a collective under DDP: every rank takes part
         if not self.dist.main:
             return
-        model_state = _host_copy(self.eval_model.state_dict())
-        train_state = _host_copy(train_state)
         info = {"step": self.step, "epoch": self.epoch, "tokens": self.tokens,
                 "valid_loss": valid_loss if valid_loss is not None else self.best,
                 "num_parameters": num_parameters(self.model)}
+        kw = dict(config=self.cfg, tokenizer=self.tokenizer, info=info)
+        background = self.background_saves if self.background_saves is not None else self.device.type != "cpu"
+        if not background:
+            self._wait_for_saves()
+            save_checkpoint(self.out / name, model_state=self.eval_model.state_dict(), train_state=train_state, **kw)
+            return
         self._pending_saves.append(self._writer.submit(
-            save_checkpoint, self.out / name, model_state=model_state, config=self.cfg, tokenizer=self.tokenizer,
-            train_state=train_state, info=info))
+            save_checkpoint, self.out / name, model_state=_host_copy(self.eval_model.state_dict()),
+            train_state=_host_copy(train_state), **kw))
         self._wait_for_saves(keep=2)  # bounded host memory: at most two copies waiting for the disk
 
     def _wait_for_saves(self, keep: int = 0) -> None:
