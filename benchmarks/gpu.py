@@ -12,6 +12,7 @@ untied, full softmax), at batch 20 in fp32 and at batch 128 in bf16 autocast, se
 
     python benchmarks/gpu.py --data ../shared/data/ptb           # about a minute on one H200
     python benchmarks/gpu.py --device cpu --steps 3 --hidden 64  # a smoke run of the script itself
+    python benchmarks/gpu.py --profile 100                         # where the gap between the two goes
 """
 
 from __future__ import annotations
@@ -146,6 +147,28 @@ def use_rows(config: Path, data: Path, hidden: int, device: torch.device) -> dic
     return out
 
 
+def profile(args, device: torch.device) -> None:
+    """Where a step's time goes, raw step against wordlm's loop: operators by total device (or CPU) time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cfg = load_config(args.config, [f"data.train={args.data / 'train.txt'}"])
+    tok = fit_tokenizer(cfg.tokenizer, lambda: iter_lines(args.data / "train.txt"))
+    ids = torch.from_numpy(encode_file(args.data / "train.txt", tok).ids[:].astype("int64"))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, run in (("raw step", lambda: raw_loop(ids, tok.vocab_size, args.hidden, 20, "fp32", args.profile,
+                                                          device, False)),
+                          ("wordlm", lambda: wordlm_loop(args.config, args.data, args.hidden, 20, "fp32",
+                                                         args.profile, device, Path(tmp)))):
+            run()  # warm: cuDNN plans, the id cache
+            with torch_profile(activities=activities) as prof:
+                run()
+            print(f"\n## {name}: {args.profile} steps (plus warm-up and, for wordlm, its setup)\n")
+            print(prof.key_averages().table(sort_by=sort, row_limit=25))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ptb")
@@ -154,8 +177,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="timed steps per row")
     ap.add_argument("--hidden", type=int, default=650)
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="instead of the table: profile N steps of the raw step and of wordlm's loop at batch 20 "
+                         "and print where the time goes (the per-step gap between the two)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.profile:
+        return profile(args, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"# command: python benchmarks/gpu.py --data {args.data} --steps {args.steps}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of issues #3 and #4 in one script that fits a 10-minute call on one GPU:
 #   1. the GPU tests (pytest -m gpu): weight drop on cuDNN without warnings, no host sync per training step;
-#   2. benchmarks/gpu.py: wordlm's training loop against a raw nn.LSTM step, batch 20 fp32 and batch 128 bf16;
+#   2. benchmarks/gpu.py: wordlm's training loop against a raw nn.LSTM step, batch 20 fp32 and batch 128 bf16
+#      (and with PROFILE=N, a profile of N steps of each);
 #   3. configs/ptb-medium-gpu.toml with its 120 s budget, then with 60 s, each evaluated on test at batch 1;
 #   4. configs/ptb-medium.toml (the paper's recipe) for whatever time is left, evaluated the same way.
 # Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
@@ -56,6 +57,12 @@ timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>
 
 say "benchmark"
 timeout 150 python3 benchmarks/gpu.py --data "$DATA" ${BENCH:-} 2>&1 | grep -v Warning | tail -n 14 | tee -a "$LOG"
+
+if [ -n "${PROFILE:-}" ]; then  # PROFILE=100: where the per-step gap between the raw step and wordlm goes
+    say "profile"
+    timeout 120 python3 benchmarks/gpu.py --data "$DATA" --profile "$PROFILE" 2>&1 | grep -v -e Warning -e USDT \
+        | tee -a "$LOG" | tail -n 70
+fi
 
 run_and_test medium-gpu-120 170 configs/ptb-medium-gpu.toml
 say "pack the 120 s model"
