@@ -20,4 +20,5 @@ if dist.get_rank() == 0:
     same = all(torch.equal(gathered[0], g) for g in gathered[1:])
     (out / "ddp_check.json").write_text(json.dumps({"world": dist.get_world_size(), "same_weights": same,
                                                     "steps": result.steps, "tokens": result.tokens}))
+dist.barrier()  # rank 0 is still writing: leave together
 dist.destroy_process_group()

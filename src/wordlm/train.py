@@ -185,10 +185,15 @@ class Distributed:
             self.started = True
         return device
 
-    def stop(self) -> None:
+    def stop(self, wait_for_all: bool = False) -> None:
+        """Close the process group we opened. After a successful run every rank first waits for the others
+        (rank 0 is the one still writing), so no rank tears down its connections under a peer still using them.
+        After an error there is no waiting: the other ranks may never arrive."""
         if self.started:
             import torch.distributed as dist
 
+            if wait_for_all:
+                dist.barrier()
             dist.destroy_process_group()
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
@@ -308,11 +313,14 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     random.seed(tc.seed)
 
     out.mkdir(parents=True, exist_ok=True)
+    finished = False
     try:
         with RunLock(out) if dist.main else contextlib.nullcontext(), _StopFlag() as stop:
-            return _prepare_and_run(cfg, out, device, dist, ckpt, stop, overwrite, progress)
+            result = _prepare_and_run(cfg, out, device, dist, ckpt, stop, overwrite, progress)
+        finished = True
+        return result
     finally:
-        dist.stop()
+        dist.stop(wait_for_all=finished)
 
 
 def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distributed, ckpt, stop: _StopFlag,
