@@ -59,3 +59,12 @@ def test_the_training_loop_makes_no_host_sync_per_step(small_corpus, tmp_path):
     short = _sync_warnings(tiny_config(small_corpus, max_steps=30, **kw), tmp_path / "short")
     long = _sync_warnings(tiny_config(small_corpus, max_steps=90, **kw), tmp_path / "long")
     assert long - short < 5, (short, long)
+
+
+def test_nt_asgd_averaging_makes_no_host_sync_per_step(small_corpus, tmp_path):
+    # AveragedModel.update_parameters would sync three times a step; wordlm's own running mean must not.
+    kw = dict(device="cuda", log_every=10_000, eval_every=10_000, epochs=0, optimizer="ntasgd",
+              average_from_start=True)
+    short = _sync_warnings(tiny_config(small_corpus, max_steps=30, **kw), tmp_path / "short")
+    long = _sync_warnings(tiny_config(small_corpus, max_steps=90, **kw), tmp_path / "long")
+    assert long - short < 5, (short, long)

@@ -111,6 +111,31 @@ def test_nt_asgd_switches_when_expected_in_training(small_corpus, tmp_path, monk
     assert not torch.equal(last.train_state["raw_model"]["decoder.weight"], last.model_state["decoder.weight"])
 
 
+def test_the_nt_asgd_average_equals_pytorchs_averaged_model(small_corpus, tmp_path, monkeypatch):
+    # wordlm keeps the running mean itself (AveragedModel.update_parameters syncs the host three times a step
+    # on a GPU); a reference AveragedModel fed the same iterates must end with the same weights.
+    from torch.optim.swa_utils import AveragedModel
+
+    import wordlm.train as train_module
+    from wordlm.checkpoint import load_checkpoint
+
+    ref = {}
+    own = train_module._Loop._update_average
+
+    def both(self):
+        ref.setdefault("avg", AveragedModel(self.model, use_buffers=True)).update_parameters(self.model)
+        own(self)
+
+    monkeypatch.setattr(train_module._Loop, "_update_average", both)
+    train(tiny_config(small_corpus, optimizer="ntasgd", average_from_start=True, max_steps=12, epochs=0),
+          tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run", prefer="last", train_state=True)
+    assert last.train_state["n_averaged"] == 12 == int(ref["avg"].n_averaged)
+    for name, value in ref["avg"].module.state_dict().items():
+        torch.testing.assert_close(last.model_state[name], value, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(last.model_state["decoder.weight"], last.train_state["raw_model"]["decoder.weight"])
+
+
 def test_variable_bptt_varies_window_lengths(small_corpus, tmp_path, monkeypatch):
     from wordlm.data import Streams
 

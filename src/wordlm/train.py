@@ -401,6 +401,7 @@ class _Loop:
         # NT-ASGD (Merity et al. 2017): plain SGD until validation stops improving, then the running average of
         # the iterates is the model that is evaluated and saved. PyTorch's AveragedModel keeps the average.
         self.averaged: torch.optim.swa_utils.AveragedModel | None = None
+        self.n_averaged = 0  # iterates in the average, counted on the host (see _update_average)
         self.valid_history: list[float] = []
         self.windows_per_epoch = train_streams.num_windows(tc.seq_len)
         by_epochs = tc.epochs * self.windows_per_epoch if tc.epochs else None
@@ -434,7 +435,7 @@ class _Loop:
             "valid_history": list(self.valid_history),
             # With NT-ASGD, model.pt holds the average; training continues from the raw iterate saved here.
             "raw_model": self.model.state_dict() if self.averaged is not None else None,
-            "n_averaged": int(self.averaged.n_averaged) if self.averaged is not None else 0,
+            "n_averaged": self.n_averaged,
             "lstm_h": self.state[0].detach().cpu(), "lstm_c": self.state[1].detach().cpu(),
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -451,7 +452,8 @@ class _Loop:
             self.model.load_state_dict(ts["raw_model"])
             self._start_averaging()
             self.averaged.module.load_state_dict(ckpt.model_state)
-            self.averaged.n_averaged.fill_(ts["n_averaged"])
+            self.n_averaged = ts["n_averaged"]
+            self.averaged.n_averaged.fill_(self.n_averaged)
         else:
             self.model.load_state_dict(ckpt.model_state)
         self.opt.load_state_dict(ts["optimizer"])
@@ -511,6 +513,9 @@ class _Loop:
     # --- the loop ------------------------------------------------------------------------------------------
     def _start_averaging(self) -> None:
         self.averaged = torch.optim.swa_utils.AveragedModel(self.model, use_buffers=True)
+        self.n_averaged = 0
+        self._avg_pairs = ([t.detach() for t in (*self.averaged.module.parameters(), *self.averaged.module.buffers())],
+                           [t.detach() for t in (*self.model.parameters(), *self.model.buffers())])
         log.info("NT-ASGD: averaging the weights from step %d on", self.step)
 
     @property
@@ -621,7 +626,7 @@ class _Loop:
                     run_loss += loss
                     self.nf[3] += 1
                 if self.averaged is not None:
-                    self.averaged.update_parameters(self.model)  # a skipped step leaves the weights as they were
+                    self._update_average()  # a skipped step leaves the weights as they were
                 bar.update(1)
                 if self.step % tc.log_every == 0:
                     good = self._read_nonfinite()  # the log-interval host sync
@@ -672,6 +677,18 @@ class _Loop:
                 self._writer.shutdown()
         return TrainResult(self.out, self.step, self._epoch_float(), self.tokens, self.best, _ppl(self.best),
                            self.elapsed, stop_reason, num_parameters(model), model)
+
+    def _update_average(self) -> None:
+        """Add the current weights to the NT-ASGD running mean: avg += (w - avg) / (n + 1), the update
+        AveragedModel.update_parameters makes, but with n counted on the host: update_parameters reads its
+        device-side count three times per call, a host sync every step on a GPU."""
+        avg, cur = self._avg_pairs
+        if self.n_averaged == 0:
+            torch._foreach_copy_(avg, cur)
+        else:
+            torch._foreach_lerp_(avg, cur, 1.0 / (self.n_averaged + 1))
+        self.n_averaged += 1
+        self.averaged.n_averaged.add_(1)  # kept in step for anyone reading the AveragedModel itself
 
     def _read_nonfinite(self) -> int:
         """Read the device-side step counters (one host sync), log skipped steps, and stop on a long streak.
