@@ -68,3 +68,37 @@ def test_nt_asgd_averaging_makes_no_host_sync_per_step(small_corpus, tmp_path):
     short = _sync_warnings(tiny_config(small_corpus, max_steps=30, **kw), tmp_path / "short")
     long = _sync_warnings(tiny_config(small_corpus, max_steps=90, **kw), tmp_path / "long")
     assert long - short < 5, (short, long)
+
+
+def _losses(out) -> list[float]:
+    import json
+
+    recs = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in recs if r["event"] == "train"]
+
+
+@pytest.mark.parametrize("optimizer,lr,precision", [("sgd", 1.0, "fp32"), ("adamw", 0.01, "bf16")])
+def test_cuda_graphs_train_like_eager_steps(small_corpus, tmp_path, optimizer, lr, precision):
+    # A real recording and its replays against eager steps (no dropout: the graph draws its own masks).
+    from wordlm.train import train
+
+    kw = dict(device="cuda", epochs=2, log_every=5, optimizer=optimizer, lr=lr, precision=precision,
+              schedule="cosine")
+    eager = train(tiny_config(small_corpus, **kw), tmp_path / "eager")
+    graphed = train(tiny_config(small_corpus, cuda_graphs=True, **kw), tmp_path / "graphed")
+    torch.testing.assert_close(_losses(tmp_path / "graphed"), _losses(tmp_path / "eager"), rtol=1e-3, atol=1e-3)
+    for a, b in zip(eager.model.parameters(), graphed.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_graphs_learn_with_dropout_and_make_no_host_sync_per_step(small_corpus, tmp_path):
+    from wordlm.train import train
+
+    cfg = tiny_config(small_corpus, device="cuda", epochs=2, precision="bf16", cuda_graphs=True)
+    cfg.model.dropout = 0.2  # nn.Dropout and the fused LSTM's own (cuDNN) dropout inside the recording
+    cfg.model.num_layers = 2
+    assert train(cfg, tmp_path / "run").best_valid_ppl < 18
+    kw = dict(device="cuda", log_every=10_000, eval_every=10_000, epochs=0, cuda_graphs=True)
+    short = _sync_warnings(tiny_config(small_corpus, max_steps=30, **kw), tmp_path / "short")
+    long = _sync_warnings(tiny_config(small_corpus, max_steps=90, **kw), tmp_path / "long")
+    assert long - short < 5, (short, long)

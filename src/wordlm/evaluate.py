@@ -11,9 +11,11 @@ from .data import EncodedSplit, Streams
 from .model import LSTMLanguageModel
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """bf16 autocast, or nothing for fp32. `cache=False` for code recorded into a CUDA graph, where autocast's
+    cache of cast weights must not be used."""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

@@ -368,8 +368,50 @@ def _warn_train_changes(new: Config, old: Config) -> None:
                             section, k, v, b[section].get(k), v)
 
 
+class CudaGraphs:
+    """How train.cuda_graphs records and runs the step: PyTorch's recipe for whole-step capture. Eager steps (the
+    warm-up before recording, and windows of another length) run on a side stream, and the step is recorded
+    on that same stream; a replay is one launch on the current stream."""
+
+    @staticmethod
+    def supports(device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def __init__(self):
+        self.stream = torch.cuda.Stream()
+        self.graph = None
+
+    @contextlib.contextmanager
+    def eager(self):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            yield
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def capture(self, fn):
+        self.graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(self.graph, stream=self.stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return self.graph.replay
+
+
+@dataclass
+class _Recorded:
+    """train.cuda_graphs' bookkeeping: the recorded step, its fixed input buffers, and counts for the log."""
+    backend: object
+    warmup_steps: int = 3
+    eager_steps: int = 0
+    replays: int = 0
+    replay: object = None
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+
+
 class _Loop:
     background_saves: bool | None = None  # None: in the background on accelerators, synchronous on the CPU
+    graph_backend = CudaGraphs  # how train.cuda_graphs records a step (the tests put a CPU stand-in here)
     def __init__(self, cfg: Config, out: Path, device: torch.device, dist: Distributed, tokenizer: Tokenizer,
                  train_streams: Streams, valid_streams: Streams, ckpt, stop: _StopFlag, progress: bool):
         self.cfg, self.tc, self.out, self.device, self.dist = cfg, cfg.train, out, device, dist
@@ -385,6 +427,15 @@ class _Loop:
             torch.manual_seed(tc.seed + dist.rank)  # same initial weights (broadcast), different dropout masks
         if tc.compile:
             self.forward = torch.compile(self.forward)
+        self.graphs: _Recorded | None = None
+        if tc.cuda_graphs:
+            if not self.graph_backend.supports(device):
+                raise ConfigError(f"train.cuda_graphs needs a CUDA device, and this run is on {device}: set "
+                                  f"train.cuda_graphs = false")
+            if dist.world > 1:
+                raise ConfigError("train.cuda_graphs runs in one process: drop --nproc or set train.cuda_graphs = "
+                                  "false")
+            self.graphs = _Recorded(self.graph_backend())
         params = list(self.model.parameters())
         if tc.optimizer in ("sgd", "ntasgd"):
             self.opt = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
@@ -431,7 +482,7 @@ class _Loop:
             "step": self.step, "epoch": self.epoch, "row": self.row, "tokens": self.tokens,
             "elapsed_s": self.elapsed, "best_valid_loss": self.best, "bad_evals": self.bad_evals,
             "nonfinite_total": self.nonfinite_total, "last_eval_step": self.last_eval_step,
-            "optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(),
+            "optimizer": _plain_lr(self.opt.state_dict()), "schedule": self.schedule.state_dict(),
             "valid_history": list(self.valid_history),
             # With NT-ASGD, model.pt holds the average; training continues from the raw iterate saved here.
             "raw_model": self.model.state_dict() if self.averaged is not None else None,
@@ -560,8 +611,8 @@ class _Loop:
         log.info("model: %s parameters, vocabulary %d, %d windows per epoch, device %s",
                  f"{num_parameters(model):,}", self.tokenizer.vocab_size, self.windows_per_epoch, self.device)
         model.train()
-        params = list(model.parameters())
-        run_loss = torch.zeros((), device=self.device)
+        self.params = list(model.parameters())
+        self.run_loss = torch.zeros((), device=self.device)  # summed training loss since the last train record
         # On the device: [skipped steps since the last read, current streak, longest streak since the last read,
         # good steps since the last read]. Read (one sync) at log intervals, before checkpoints and validation.
         self.nf = torch.zeros(4, device=self.device)
@@ -571,12 +622,17 @@ class _Loop:
         stop_reason = "finished"
         if self.row == 0:
             self.schedule.start_epoch(self.epoch + 1)
+        if self.graphs is not None:  # the graph reads the state from fixed buffers, refilled in place
+            self.state = tuple(s.detach().clone() for s in self.state)
+            self.lr_t = torch.zeros((), device=self.device)  # float32: what the fused CUDA kernels read
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr_t
         try:
             while self.step < self.total_steps:
                 if self.row >= self.train_streams.rows - 1:  # epoch boundary
                     self.epoch += 1
                     self.row = 0
-                    self.state = model.init_state(tc.batch_size)
+                    self._set_state(model.init_state(tc.batch_size))
                     if tc.eval_every == 0 and self._validate_then_stop():
                         stop_reason = "early stop: validation stopped improving"
                         break
@@ -595,36 +651,12 @@ class _Loop:
                     base = tc.seq_len if random.random() < 0.95 else tc.seq_len / 2
                     seq_len = max(5, int(random.gauss(base, 5)))
                     lr = lr * seq_len / tc.seq_len  # a short window's update counts less
-                for g in self.opt.param_groups:
-                    g["lr"] = lr
+                self._set_lr(lr)
                 x, y = self.train_streams.window(self.row, seq_len)
-                state = detach_state(self.state)
-                with autocast(self.device, tc.precision):
-                    nll, state = self.forward(x, state, y)
-                loss = nll.mean()
-                self.opt.zero_grad(set_to_none=True)
-                reg = model.reg_loss
-                (loss + reg if reg is not None else loss).backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(params, tc.clip if tc.clip > 0 else math.inf)
+                self._step(x, y)
                 self.step += 1
                 self.row += x.shape[0]
                 self.tokens += x.numel() * self.dist.world
-                loss = loss.detach()
-                if tc.skip_nonfinite:
-                    bad = ~torch.isfinite(loss + gnorm)
-                    self.found_inf.copy_(bad)  # the fused optimizer skips the whole update when this is 1
-                    self.opt.step()
-                    self.state = tuple(torch.where(bad, 0.0, s) for s in state)  # the state may hold the NaN too
-                    run_loss += torch.where(bad, 0.0, loss)
-                    b = bad.float()
-                    self.nf[1].add_(1).mul_(b)  # the streak: +1 on a skipped step, back to 0 on a good one
-                    self.nf += torch.stack((b, torch.zeros_like(b), torch.zeros_like(b), 1 - b))
-                    torch.maximum(self.nf[2], self.nf[1], out=self.nf[2])
-                else:
-                    self.opt.step()
-                    self.state = state
-                    run_loss += loss
-                    self.nf[3] += 1
                 if self.averaged is not None:
                     self._update_average()  # a skipped step leaves the weights as they were
                 bar.update(1)
@@ -632,7 +664,7 @@ class _Loop:
                     good = self._read_nonfinite()  # the log-interval host sync
                     if good:
                         now = time.perf_counter()
-                        train_loss = self.dist.mean(run_loss).item() / good
+                        train_loss = self.dist.mean(self.run_loss).item() / good
                         tok_s = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
                         self._tick()
                         self.metrics.write({"event": "train", "step": self.step, "epoch": self._epoch_float(),
@@ -641,7 +673,7 @@ class _Loop:
                                             "elapsed_s": round(self.elapsed, 3)})
                         bar.set_postfix(loss=f"{train_loss:.3f}", ppl=f"{_ppl(train_loss):.1f}", lr=f"{lr:.3g}",
                                         tok_s=f"{tok_s:,.0f}")
-                        run_loss.zero_()
+                        self.run_loss.zero_()
                         self.nf[3] = 0
                         t_log, tokens_log = now, self.tokens
                 if tc.eval_every and self.step % tc.eval_every == 0:
@@ -690,6 +722,79 @@ class _Loop:
         self.n_averaged += 1
         self.averaged.n_averaged.add_(1)  # kept in step for anyone reading the AveragedModel itself
 
+    # --- one step's device work ------------------------------------------------------------------------
+    def _set_lr(self, lr: float) -> None:
+        if self.graphs is not None:
+            self.lr_t.fill_(lr)  # a tensor the recorded optimizer step reads
+        else:
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+
+    def _set_state(self, state) -> None:
+        if self.graphs is not None:
+            for dst, src in zip(self.state, state, strict=True):
+                dst.copy_(src.detach())
+        else:
+            self.state = state
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Train on one window: eagerly, or by replaying the recorded step (train.cuda_graphs), whose fixed
+        input buffers take the window first. A window of another length (an epoch's shorter last window) and
+        the first few steps (the warm-up a CUDA graph needs) run eagerly."""
+        g = self.graphs
+        if g is None:
+            self.state = self._device_step(x, y, detach_state(self.state))
+            return
+        if g.replay is None and x.shape[0] == self.tc.seq_len and g.eager_steps >= g.warmup_steps:
+            g.x, g.y = x.clone(), y.clone()
+            for group in self.opt.param_groups:
+                if "capturable" in group:  # AdamW refuses to be recorded without it (fused, it changes nothing)
+                    group["capturable"] = True
+            g.replay = g.backend.capture(lambda: self._set_state(self._device_step(g.x, g.y, self.state)))
+            for group in self.opt.param_groups:
+                if "capturable" in group:
+                    group["capturable"] = False  # or every eager step warns
+            log.info("cuda_graphs: training step recorded at step %d", self.step + 1)
+        if g.replay is not None and x.shape == g.x.shape:
+            g.x.copy_(x)
+            g.y.copy_(y)
+            g.replay()
+            g.replays += 1
+            return
+        with g.backend.eager():
+            self._set_state(self._device_step(x, y, self.state))
+        g.eager_steps += 1
+
+    def _device_step(self, x: torch.Tensor, y: torch.Tensor, state):
+        """Forward, backward, clipping and the optimizer step, with the loss added to run_loss and the skip
+        counters updated, all on the device: tensors in, tensors out, no host read, so that it can be recorded
+        once as a CUDA graph. Returns the next LSTM state."""
+        tc = self.tc
+        # Gradients start from None: the backward then writes them rather than adding to them. When the step is
+        # recorded, this is what makes every replay's backward write fresh gradients into the same buffers.
+        self.opt.zero_grad(set_to_none=True)
+        with autocast(self.device, tc.precision, cache=self.graphs is None):
+            nll, state = self.forward(x, state, y)
+        loss = nll.mean()
+        reg = self.model.reg_loss
+        (loss + reg if reg is not None else loss).backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, tc.clip if tc.clip > 0 else math.inf)
+        loss = loss.detach()
+        if not tc.skip_nonfinite:
+            self.opt.step()
+            self.run_loss += loss
+            self.nf[3] += 1
+            return detach_state(state)
+        bad = ~torch.isfinite(loss + gnorm)
+        self.found_inf.copy_(bad)  # the fused optimizer skips the whole update when this is 1
+        self.opt.step()
+        self.run_loss += torch.where(bad, 0.0, loss)
+        b = bad.float()
+        self.nf[1].add_(1).mul_(b)  # the streak: +1 on a skipped step, back to 0 on a good one
+        self.nf += torch.stack((b, torch.zeros_like(b), torch.zeros_like(b), 1 - b))
+        torch.maximum(self.nf[2], self.nf[1], out=self.nf[2])
+        return tuple(torch.where(bad, 0.0, s.detach()) for s in state)  # the state may hold the NaN too
+
     def _read_nonfinite(self) -> int:
         """Read the device-side step counters (one host sync), log skipped steps, and stop on a long streak.
         Returns the number of good steps since the last train record (the log step resets that count)."""
@@ -719,6 +824,14 @@ class _Loop:
         self._read_nonfinite()
         self.validate()
         return bool(self.tc.patience) and self.bad_evals >= self.tc.patience
+
+
+def _plain_lr(opt_state: dict) -> dict:
+    """An optimizer state_dict with a tensor learning rate (train.cuda_graphs) written as a number."""
+    for group in opt_state["param_groups"]:
+        if torch.is_tensor(group["lr"]):
+            group["lr"] = float(group["lr"])
+    return opt_state
 
 
 def _host_copy(obj, _seen: dict | None = None):
