@@ -8,7 +8,12 @@ untied, full softmax), at batch 20 in fp32 and at batch 128 in bf16 autocast, se
   CUDA events around the whole run. This is the ceiling a training loop can approach.
 - example loop: the same step plus the example's `loss.item()` every step (one host sync per step).
 - wordlm: wordlm.train.train() on configs/ptb-medium.toml with the same batch and precision; its tokens/s is
-  read from the metrics.jsonl that loop writes (the first log interval, the warm-up, excluded).
+  read from the metrics.jsonl that loop writes (the first log interval, the warm-up, excluded);
+- wordlm, cuda_graphs: the same with train.cuda_graphs = true (the step recorded once, then replayed).
+
+With --repeat N every column is measured N times, the columns taking turns, and the median is printed (the
+spread goes to the JSON lines): on the H200, two columns measured one after the other once differed by 7%
+where they should not have differed at all.
 
     python benchmarks/gpu.py --data ../shared/data/ptb           # about a minute on one H200
     python benchmarks/gpu.py --device cpu --steps 3 --hidden 64  # a smoke run of the script itself
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -102,7 +108,7 @@ def raw_loop(ids: torch.Tensor, vocab: int, hidden: int, batch: int, precision: 
 
 
 def wordlm_loop(config: Path, data: Path, hidden: int, batch: int, precision: str, steps: int,
-                device: torch.device, tmp: Path) -> float:
+                device: torch.device, tmp: Path, graphs: bool = False) -> float:
     log_every = max(1, steps // 5)
     small_valid = tmp / "valid-head.txt"  # the closing validation is not what is measured
     with open(data / "valid.txt", encoding="utf-8") as f:
@@ -112,9 +118,10 @@ def wordlm_loop(config: Path, data: Path, hidden: int, batch: int, precision: st
         f"model.embedding_size={hidden}", f"model.hidden_size={hidden}", f"train.batch_size={batch}",
         f"train.precision={precision}", f"train.device={device.type}", "train.epochs=0",
         "train.eval_every=1000000",  # no validation (and checkpoint) at an epoch boundary inside the timed steps
-        f"train.max_steps={steps + log_every}", f"train.log_every={log_every}", "train.save_every=0"])
+        f"train.max_steps={steps + log_every}", f"train.log_every={log_every}", "train.save_every=0",
+        f"train.cuda_graphs={'true' if graphs else 'false'}"])
     out = tmp / f"run-{batch}-{precision}"
-    train(cfg, out)
+    train(cfg, out, overwrite=True)
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     tr = [r for r in recs if r["event"] == "train"]
     intervals = [(b["tokens"] - a["tokens"], b["tokens_per_s"]) for a, b in zip(tr, tr[1:], strict=False)]
@@ -176,6 +183,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=300, help="timed steps per row")
     ap.add_argument("--hidden", type=int, default=650)
+    ap.add_argument("--repeat", type=int, default=1, help="measure every column N times, in turns; print medians")
+    ap.add_argument("--no-graphs", action="store_true", help="leave out the cuda_graphs column")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="instead of the table: profile N steps of the raw step and of wordlm's loop at batch 20 "
@@ -186,28 +195,42 @@ def main() -> None:
         return profile(args, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"# command: python benchmarks/gpu.py --data {args.data} --steps {args.steps}"
+    print(f"# command: python benchmarks/gpu.py --data {args.data} --steps {args.steps} --repeat {args.repeat}"
           + (f" --device {args.device} --hidden {args.hidden}" if args.device != "cuda" or args.hidden != 650 else ""))
     cfg = load_config(args.config, [f"data.train={args.data / 'train.txt'}"])
     tok = fit_tokenizer(cfg.tokenizer, lambda: iter_lines(args.data / "train.txt"))
     ids = torch.from_numpy(encode_file(args.data / "train.txt", tok).ids[:].astype("int64"))
+    columns = {
+        "raw": lambda b, p, tmp: raw_loop(ids, tok.vocab_size, args.hidden, b, p, args.steps, device, False),
+        "example": lambda b, p, tmp: raw_loop(ids, tok.vocab_size, args.hidden, b, p, args.steps, device, True),
+        "wordlm": lambda b, p, tmp: wordlm_loop(args.config, args.data, args.hidden, b, p, args.steps, device, tmp),
+        "graphs": lambda b, p, tmp: wordlm_loop(args.config, args.data, args.hidden, b, p, args.steps, device, tmp,
+                                                graphs=True),
+    }
+    if args.no_graphs or device.type != "cuda":
+        del columns["graphs"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for batch, precision in ((20, "fp32"), (128, "bf16")):
-            r = {"batch": batch, "precision": precision}
-            r["raw"] = raw_loop(ids, tok.vocab_size, args.hidden, batch, precision, args.steps, device, False)
-            r["example"] = raw_loop(ids, tok.vocab_size, args.hidden, batch, precision, args.steps, device, True)
-            r["wordlm"] = wordlm_loop(args.config, args.data, args.hidden, batch, precision, args.steps, device,
-                                      Path(tmp))
+            runs = {name: [] for name in columns}
+            for _ in range(args.repeat):
+                for name, measure in columns.items():
+                    runs[name].append(measure(batch, precision, Path(tmp)))
+            r = {"batch": batch, "precision": precision, **{k: statistics.median(v) for k, v in runs.items()},
+                 "runs": runs}
             rows.append(r)
             print(json.dumps(r), flush=True)
     use = use_rows(args.config, args.data, args.hidden, device)
     print(f"\n## training tokens/s, {args.hidden}x2 LSTM, 10k vocabulary, seq {SEQ}\n")
-    print("| batch | precision | raw step (no sync) | example loop (.item() per step) | wordlm | wordlm / raw |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    graphs = "graphs" in columns
+    print(f"(median of {args.repeat} run(s) per cell, the columns taking turns)\n")
+    print("| batch | precision | raw step (no sync) | example loop (.item() per step) | wordlm | wordlm / raw |"
+          + (" wordlm, cuda_graphs | cuda_graphs / raw |" if graphs else ""))
+    print("| ---: | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if graphs else ""))
     for r in rows:
         print(f"| {r['batch']} | {r['precision']} | {r['raw']:,.0f} | {r['example']:,.0f} | {r['wordlm']:,.0f} | "
-              f"{r['wordlm'] / r['raw']:.2f}x |")
+              f"{r['wordlm'] / r['raw']:.2f}x |"
+              + (f" {r['graphs']:,.0f} | {r['graphs'] / r['raw']:.2f}x |" if graphs else ""))
     print(f"\nevaluation (valid, batch 10): {use['eval_fp32_tokens_per_s']:,.0f} tok/s fp32, "
           f"{use['eval_bf16_tokens_per_s']:,.0f} tok/s bf16; next-token latency (one stream): "
           f"{use['next_token_ms']:.2f} ms")

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of issues #3 and #4 in one script that fits a 10-minute call on one GPU:
-#   1. the GPU tests (pytest -m gpu): weight drop on cuDNN without warnings, no host sync per training step;
-#   2. benchmarks/gpu.py: wordlm's training loop against a raw nn.LSTM step, batch 20 fp32 and batch 128 bf16
-#      (and with PROFILE=N, a profile of N steps of each);
-#   3. configs/ptb-medium-gpu.toml with its 120 s budget, then with 60 s, each evaluated on test at batch 1;
-#   4. configs/ptb-medium.toml (the paper's recipe) for whatever time is left, evaluated the same way.
+#   tests:  the GPU tests (pytest -m gpu): weight drop on cuDNN without warnings, no host sync per training
+#           step, CUDA-graph steps equal to eager ones; the training runs below use train.cuda_graphs only if
+#           the CUDA-graph tests pass (GRAPHS=true or false forces it);
+#   bench:  benchmarks/gpu.py: wordlm's training loop (eager and with cuda_graphs) against a raw nn.LSTM step,
+#           batch 20 fp32 and batch 128 bf16, each cell the median of 2 turns (with PROFILE=N, also a profile
+#           of N steps of the raw step and of wordlm's loop);
+#   medium: configs/ptb-medium-gpu.toml with its 120 s budget, then with 60 s, each evaluated on test at
+#           batch 1, with the time to validation perplexity 80;
+#   paper:  configs/ptb-medium.toml (the paper's recipe, 39 epochs), for whatever time is left.
 # Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
+#         PARTS="paper" LIMIT=400 ...  runs only the parts named (default: tests bench medium paper)
 # A smoke run of the script itself on a CPU (small model, skipped GPU tests; about 4 minutes):
 #   EXTRA="--set model.hidden_size=32 --set model.embedding_size=32 --set train.device=cpu" \
 #   BENCH="--device cpu --steps 3 --hidden 32" LIMIT=200 bash scripts/gpu_session.sh
@@ -14,6 +19,8 @@
 # rejoin with: cat model.tar.part-* | tar x).
 set -u
 cd "$(dirname "$0")/.."
+PARTS=" ${PARTS:-tests bench medium paper} "
+part() { [[ "$PARTS" == *" $1 "* ]]; }
 DATA=$(realpath "${DATA:-../shared/data/ptb}")
 OUT=$(realpath -m "${OUT:-/tmp/gpu-out}")
 RUNS=${RUNS:-/tmp/wordlm-gpu-runs}
@@ -52,11 +59,26 @@ say "machine"
   python3 -c "import torch, typer, tqdm, sentencepiece; print('torch', torch.__version__, torch.version.cuda,
 torch.cuda.get_device_name(), 'cudnn', torch.backends.cudnn.version())"; } 2>&1 | tee -a "$LOG"
 
-say "GPU tests"
-timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -n 15 | tee -a "$LOG"
+if part tests; then
+    say "GPU tests"
+    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k "not cuda_graphs" 2>&1 \
+        | tail -n 15 | tee -a "$LOG"
+    say "GPU tests: cuda_graphs"
+    result=$(timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k cuda_graphs 2>&1 \
+        | tail -n 40)
+    echo "$result" | tee -a "$LOG"
+    if echo "$result" | grep -q " passed" && ! echo "$result" | grep -q -e failed -e error; then
+        GRAPHS=${GRAPHS:-true}
+    fi
+fi
+GRAPHS=${GRAPHS:-false}
+say "training runs use train.cuda_graphs=$GRAPHS"
 
-say "benchmark"
-timeout 150 python3 benchmarks/gpu.py --data "$DATA" ${BENCH:-} 2>&1 | grep -v Warning | tail -n 14 | tee -a "$LOG"
+if part bench; then
+    say "benchmark"
+    timeout 200 python3 benchmarks/gpu.py --data "$DATA" --repeat 2 $([ "$GRAPHS" = true ] || echo --no-graphs) \
+        ${BENCH:-} 2>&1 | grep -v Warning | tail -n 16 | tee -a "$LOG"
+fi
 
 if [ -n "${PROFILE:-}" ]; then  # PROFILE=100: where the per-step gap between the raw step and wordlm goes
     say "profile"
@@ -64,17 +86,22 @@ if [ -n "${PROFILE:-}" ]; then  # PROFILE=100: where the per-step gap between th
         | tee -a "$LOG" | tail -n 70
 fi
 
-run_and_test medium-gpu-120 170 configs/ptb-medium-gpu.toml
-say "pack the 120 s model"
-(cd "$RUNS/medium-gpu-120" && tar cf - best config.toml metrics.jsonl) | split -b 15m - "$OUT/model.tar.part-"
-ls -l "$OUT" | tee -a "$LOG"
+if part medium; then
+    run_and_test medium-gpu-120 170 configs/ptb-medium-gpu.toml --set "train.cuda_graphs=$GRAPHS"
+    say "pack the 120 s model"
+    (cd "$RUNS/medium-gpu-120" && tar cf - best config.toml metrics.jsonl) | split -b 15m - "$OUT/model.tar.part-"
+    ls -l "$OUT" | tee -a "$LOG"
+    run_and_test medium-gpu-60 110 configs/ptb-medium-gpu.toml --set train.time_budget_s=60 \
+        --set "train.cuda_graphs=$GRAPHS"
+fi
 
-run_and_test medium-gpu-60 110 configs/ptb-medium-gpu.toml --set train.time_budget_s=60
-
-left=$(( LIMIT - ($(date +%s) - T0) - 25 ))
-if [ "$left" -gt 60 ]; then
-    run_and_test medium-paper $(( left + 15 )) configs/ptb-medium.toml --set "train.time_budget_s=$left"
-else
-    say "no time left for configs/ptb-medium.toml ($left s)"
+if part paper; then  # the whole 39 epochs if they fit, else stopped by a time budget (then said so in the log)
+    left=$(( LIMIT - ($(date +%s) - T0) - 25 ))
+    if [ "$left" -gt 60 ]; then
+        run_and_test medium-paper $(( left + 15 )) configs/ptb-medium.toml --set "train.time_budget_s=$left" \
+            --set "train.cuda_graphs=$GRAPHS"
+    else
+        say "no time left for configs/ptb-medium.toml ($left s)"
+    fi
 fi
 say "done"

@@ -95,3 +95,15 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(small_corpus, tmp_path):
     if not torch.cuda.is_available():  # device auto lands on the CPU: refused when the loop starts
         with pytest.raises(ConfigError, match="needs a CUDA device"):
             train(tiny_config(small_corpus, device="auto", cuda_graphs=True), tmp_path / "run")
+
+
+def test_a_step_that_cannot_be_recorded_is_one_line_telling_what_to_do(small_corpus, tmp_path, monkeypatch):
+    class Refuses(ReplayOnCPU):
+        def capture(self, fn):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(train_module._Loop, "graph_backend", Refuses)
+    with pytest.raises(ConfigError) as e:
+        train(tiny_config(small_corpus, device="auto", cuda_graphs=True), tmp_path / "run")
+    assert str(e.value) == ("train.cuda_graphs: the training step could not be recorded as a CUDA graph (CUDA "
+                            "error: operation not permitted when stream is capturing); set train.cuda_graphs = false")

@@ -747,10 +747,16 @@ class _Loop:
             return
         if g.replay is None and x.shape[0] == self.tc.seq_len and g.eager_steps >= g.warmup_steps:
             g.x, g.y = x.clone(), y.clone()
+            self._wait_for_saves()  # no other thread near the device while the step is recorded
             for group in self.opt.param_groups:
                 if "capturable" in group:  # AdamW refuses to be recorded without it (fused, it changes nothing)
                     group["capturable"] = True
-            g.replay = g.backend.capture(lambda: self._set_state(self._device_step(g.x, g.y, self.state)))
+            try:
+                g.replay = g.backend.capture(lambda: self._set_state(self._device_step(g.x, g.y, self.state)))
+            except RuntimeError as e:  # an operation that cannot be recorded (a host sync, a data-dependent shape)
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"train.cuda_graphs: the training step could not be recorded as a CUDA graph "
+                                  f"({reason}); set train.cuda_graphs = false") from None
             for group in self.opt.param_groups:
                 if "capturable" in group:
                     group["capturable"] = False  # or every eager step warns
