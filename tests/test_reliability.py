@@ -213,8 +213,8 @@ def _nan_at(monkeypatch, steps: set[int]):
     original = LSTMLanguageModel.forward
     calls = {"n": 0}
 
-    def forward(self, ids, state=None, targets=None):
-        loss, state = original(self, ids, state, targets)
+    def forward(self, ids, state=None, targets=None, mean=False):
+        loss, state = original(self, ids, state, targets, mean)
         if self.training and targets is not None:
             calls["n"] += 1
             if calls["n"] in steps:

@@ -72,10 +72,11 @@ class LSTMLanguageModel(nn.Module):
         w, L = self.embedding.weight, self.cfg.num_layers
         return w.new_zeros(L, batch_size, self.out_size), w.new_zeros(L, batch_size, self.cfg.hidden_size)
 
-    def forward(self, ids: Tensor, state: State | None = None,
-                targets: Tensor | None = None) -> tuple[Tensor, State]:
-        """ids (T, B) -> logits (T, B, V), or with `targets` (T, B) the per-token NLL (T, B) in fp32; and the
-        LSTM state after the last step. (The loss lives in forward so DistributedDataParallel sees it.)"""
+    def forward(self, ids: Tensor, state: State | None = None, targets: Tensor | None = None,
+                mean: bool = False) -> tuple[Tensor, State]:
+        """ids (T, B) -> logits (T, B, V), or with `targets` (T, B) the per-token NLL (T, B) in fp32, or with
+        `mean` too their mean (0-d, what training needs, in fewer operations); and the LSTM state after the
+        last step. (The loss lives in forward so DistributedDataParallel sees it.)"""
         x = self.drop(self._embed(ids))  # (T, B, E)
         x = locked_dropout(x, self.cfg.dropout_input, self.training)
         raw, state = self._lstm(x, state)  # (T, B, H or proj_size)
@@ -87,13 +88,13 @@ class LSTMLanguageModel(nn.Module):
                 self.tar_beta * (raw[1:] - raw[:-1]).float().pow(2).mean()
         if self.adaptive is not None:
             if targets is not None:  # only the target's cluster is computed: the point of the adaptive softmax
-                logp = self.adaptive(out.flatten(0, 1), targets.flatten()).output
-                return -logp.float().view_as(targets), state
+                res = self.adaptive(out.flatten(0, 1), targets.flatten())
+                return (res.loss.float() if mean else -res.output.float().view_as(targets)), state
             return self.adaptive.log_prob(out.flatten(0, 1)).view(*ids.shape, -1), state  # exact log-probs
         logits = self.decoder(out)  # (T, B, V)
         if targets is not None:
-            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-            return nll.view_as(targets), state
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="mean" if mean else "none")
+            return (nll if mean else nll.view_as(targets)), state
         return logits, state
 
     def nll(self, ids: Tensor, targets: Tensor, state: State | None = None) -> tuple[Tensor, State]:

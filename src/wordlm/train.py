@@ -613,10 +613,14 @@ class _Loop:
         model.train()
         self.params = list(model.parameters())
         self.run_loss = torch.zeros((), device=self.device)  # summed training loss since the last train record
-        # On the device: [skipped steps since the last read, current streak, longest streak since the last read,
-        # good steps since the last read]. Read (one sync) at log intervals, before checkpoints and validation.
-        self.nf = torch.zeros(4, device=self.device)
+        # On the device: [skipped steps since the last read, current streak of skipped steps, longest streak since
+        # the last read], read (one sync) at log intervals, before checkpoints and at validation. The step updates
+        # them through views made once here, so it dispatches no indexing operations.
+        self.nf = torch.zeros(3, device=self.device)
+        self._nf_skipped, self._nf_streak, self._nf_longest = self.nf.unbind()
+        self._zero = torch.zeros((), device=self.device)  # torch.where's "else": a Python 0.0 costs an operation
         self.nonfinite_run = 0
+        self.steps_since_record = self.skipped_since_record = 0
         t_log, tokens_log = time.perf_counter(), self.tokens
         self._t_mark = time.perf_counter()
         stop_reason = "finished"
@@ -657,6 +661,7 @@ class _Loop:
                 self.step += 1
                 self.row += x.shape[0]
                 self.tokens += x.numel() * self.dist.world
+                self.steps_since_record += 1
                 if self.averaged is not None:
                     self._update_average()  # a skipped step leaves the weights as they were
                 bar.update(1)
@@ -674,7 +679,7 @@ class _Loop:
                         bar.set_postfix(loss=f"{train_loss:.3f}", ppl=f"{_ppl(train_loss):.1f}", lr=f"{lr:.3g}",
                                         tok_s=f"{tok_s:,.0f}")
                         self.run_loss.zero_()
-                        self.nf[3] = 0
+                        self.steps_since_record = self.skipped_since_record = 0
                         t_log, tokens_log = now, self.tokens
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     if self._validate_then_stop():
@@ -780,8 +785,7 @@ class _Loop:
         # recorded, this is what makes every replay's backward write fresh gradients into the same buffers.
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device, tc.precision, cache=self.graphs is None):
-            nll, state = self.forward(x, state, y)
-        loss = nll.mean()
+            loss, state = self.forward(x, state, y, mean=True)
         reg = self.model.reg_loss
         (loss + reg if reg is not None else loss).backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, tc.clip if tc.clip > 0 else math.inf)
@@ -789,24 +793,23 @@ class _Loop:
         if not tc.skip_nonfinite:
             self.opt.step()
             self.run_loss += loss
-            self.nf[3] += 1
             return detach_state(state)
-        bad = ~torch.isfinite(loss + gnorm)
-        self.found_inf.copy_(bad)  # the fused optimizer skips the whole update when this is 1
+        ok = torch.isfinite(loss + gnorm)
+        bad = torch.logical_not(ok, out=self.found_inf)  # 1.0 makes the fused optimizer skip the whole update
         self.opt.step()
-        self.run_loss += torch.where(bad, 0.0, loss)
-        b = bad.float()
-        self.nf[1].add_(1).mul_(b)  # the streak: +1 on a skipped step, back to 0 on a good one
-        self.nf += torch.stack((b, torch.zeros_like(b), torch.zeros_like(b), 1 - b))
-        torch.maximum(self.nf[2], self.nf[1], out=self.nf[2])
-        return tuple(torch.where(bad, 0.0, s.detach()) for s in state)  # the state may hold the NaN too
+        self.run_loss += torch.where(ok, loss, self._zero)
+        self._nf_skipped += bad
+        self._nf_streak.add_(1).mul_(bad)  # +1 on a skipped step, back to 0 on a good one
+        torch.maximum(self._nf_longest, self._nf_streak, out=self._nf_longest)
+        return tuple(torch.where(ok, s.detach(), self._zero) for s in state)  # the state may hold the NaN too
 
     def _read_nonfinite(self) -> int:
         """Read the device-side step counters (one host sync), log skipped steps, and stop on a long streak.
         Returns the number of good steps since the last train record (the log step resets that count)."""
-        skipped, streak, longest, good = (int(v) for v in self.nf.tolist())
+        skipped, streak, longest = (int(v) for v in self.nf.tolist())
         self.nf[0], self.nf[2] = 0, streak
         self.nonfinite_run = streak
+        self.skipped_since_record += skipped
         if skipped:
             self.nonfinite_total += skipped
             self.metrics.write({"event": "nonfinite", "step": self.step, "epoch": self._epoch_float(),
@@ -816,7 +819,7 @@ class _Loop:
             raise NonFiniteLossError(
                 f"{longest} non-finite steps in a row by step {self.step}: training stopped; the last good "
                 f"checkpoint in {self.out} is kept. Lower train.lr or train.clip")
-        return good
+        return self.steps_since_record - self.skipped_since_record
 
     def _tick(self) -> None:
         """Add the wall time since the last tick to `elapsed` (kept across resumes)."""
