@@ -6,7 +6,8 @@ the medium one's shape (2 LSTM layers, dropout 0.5, full softmax, batch 20, seq 
 shipped tiny corpus, so the operations cost almost nothing to compute and what is left is dispatch:
 
 - ATen operations dispatched per step, counted with torch.profiler (exact; the same on any machine);
-- microseconds per step on this CPU, one thread, median of the runs (noisy: compare within one run).
+- microseconds per step on this CPU, one thread, the median of 5 runs of 600 steps, the two loops taking turns
+  (noisy on a shared machine: compare within one run).
 
 The raw step is benchmarks/gpu.py's (embedding -> nn.LSTM -> linear -> cross-entropy, clip_grad_norm_,
 per-parameter SGD); wordlm is wordlm.train.train() on configs/ptb-medium.toml at the same sizes.
@@ -34,7 +35,7 @@ from wordlm.config import load_config  # noqa: E402
 from wordlm.data import encode_file, iter_lines  # noqa: E402
 from wordlm.tokenizer import fit_tokenizer  # noqa: E402
 
-DATA, CONFIG, WIDTH, BATCH = ROOT / "data" / "tiny", ROOT / "configs" / "ptb-medium.toml", 8, 20
+DATA, CONFIG, WIDTH, BATCH, ROUNDS = ROOT / "data" / "tiny", ROOT / "configs" / "ptb-medium.toml", 8, 20, 5
 
 
 def ops_per_step(run, steps_of) -> float:
@@ -64,12 +65,12 @@ def main() -> None:
         }
         ops = {name: ops_per_step(run, steps_of) for name, (run, steps_of) in loops.items()}
         us = {name: [] for name in loops}
-        for _ in range(3):
+        for _ in range(ROUNDS):
             for name, (run, _) in loops.items():
                 us[name].append(BATCH * 35 / run(600) * 1e6)
     print(f"# torch {torch.__version__}, one CPU thread; {WIDTH}-wide 2-layer LSTM, batch {BATCH}, seq 35, "
           f"vocabulary {tok.vocab_size}\n")
-    print("| loop | ATen ops per step | us per step (median of 3) |")
+    print(f"| loop | ATen ops per step | us per step (median of {ROUNDS}, the loops taking turns) |")
     print("| --- | ---: | ---: |")
     for name in loops:
         print(f"| {name} | {ops[name]:.1f} | {statistics.median(us[name]):,.0f} |")
