@@ -44,16 +44,7 @@ run_and_test() {  # NAME SECONDS_LIMIT CONFIG [--set ...]: train, then test perp
     cp "$RUNS/$name/metrics.jsonl" "$OUT/metrics-$name.jsonl" 2>/dev/null
     say "test $name (batch 1)"
     wordlm eval "$RUNS/$name" --split test --batch-size 1 --json 2>&1 | tail -n 1 | tee -a "$LOG"
-    python3 - "$RUNS/$name/metrics.jsonl" <<'EOF' 2>&1 | tee -a "$LOG"
-import json, sys
-recs = [json.loads(l) for l in open(sys.argv[1])]
-valid = [r for r in recs if r["event"] == "valid"]
-hit = next((r for r in valid if r["valid_ppl"] <= 80), None)
-best = min(valid, key=lambda r: r["valid_ppl"])
-print(f"validations {len(valid)}; best valid ppl {best['valid_ppl']:.2f} at {best['elapsed_s']:.1f} s "
-      f"(epoch {best['epoch']}); valid <= 80 first at " + (f"{hit['elapsed_s']:.1f} s (epoch {hit['epoch']}, "
-      f"ppl {hit['valid_ppl']:.2f})" if hit else "never"))
-EOF
+    wordlm info "$RUNS/$name" --target-ppl 80 2>&1 | grep -e '^history' -e '^target' | tee -a "$LOG"
 }
 
 say "machine"

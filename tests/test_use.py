@@ -113,6 +113,21 @@ def test_info(demo_run):
     assert data["vocab_size"] == 142 and data["validations"] >= 1 and data["best_valid_ppl"] < 20
 
 
+def test_info_reports_the_time_to_a_target_perplexity(demo_run):
+    valid = [json.loads(ln) for ln in (demo_run / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in valid if r["event"] == "valid"]
+    second = sorted(r["valid_ppl"] for r in valid)[-2]  # reached, but not at the first validation
+    first_hit = next(r for r in valid if r["valid_ppl"] <= second)
+    r = CliRunner().invoke(app, ["info", str(demo_run), "--json", "--target-ppl", str(second)])
+    assert r.exit_code == 0, r.output
+    target = json.loads(r.output.strip().splitlines()[-1])["target"]
+    assert target["reached"] and (target["step"], target["elapsed_s"]) == (first_hit["step"], first_hit["elapsed_s"])
+    r = CliRunner().invoke(app, ["info", str(demo_run), "--target-ppl", "1.0"])
+    assert r.exit_code == 0 and "valid ppl <= 1 not reached" in r.output
+    r = CliRunner().invoke(app, ["info", str(demo_run), "--target-ppl", str(second)])
+    assert f"first at {first_hit['elapsed_s']:.1f} s (step {first_hit['step']}" in r.output
+
+
 def test_plot_writes_a_non_blank_png(demo_run, tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.image

@@ -324,13 +324,20 @@ def score(
 
 @app.command()
 @_cli
-def info(run: RunArg, json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+def info(
+    run: RunArg,
+    target_ppl: Annotated[float | None, typer.Option(
+        "--target-ppl", min=1.0, help="also report when validation perplexity first reached this (time to "
+        "quality)")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
     """Config, parameter count, vocabulary and training summary of a run or checkpoint."""
     from .api import LanguageModel
+    from .plot import summarize
 
     lm = LanguageModel.load(run)
     run_dir = lm.path.parent if lm.path.name in ("best", "last", ".best.old", ".last.old") else lm.path
-    history = _history(run_dir / "metrics.jsonl")
+    history = summarize(run_dir, target_ppl)
     data = {"checkpoint": str(lm.path), "parameters": lm.num_parameters, "vocab_size": lm.tokenizer.vocab_size,
             "tokenizer": lm.tokenizer.kind, "step": lm.meta.get("step"), "valid_loss": lm.meta.get("valid_loss"),
             "config": lm.config.to_dict(), **history}
@@ -343,21 +350,16 @@ def info(run: RunArg, json_: Annotated[bool, typer.Option("--json", help="print 
         typer.echo(f"history      {history['steps']} steps, {history['tokens']:,} tokens, "
                    f"{history['elapsed_s']:.0f}s, {history['validations']} validations, "
                    f"best valid ppl {history['best_valid_ppl']:.2f} at step {history['best_step']}")
+        t = history.get("target")
+        if t and t["reached"]:
+            typer.echo(f"target       valid ppl <= {t['ppl']:g} first at {t['elapsed_s']:.1f} s (step {t['step']}, "
+                       f"epoch {t['epoch']:g}, {t['tokens']:,} tokens; valid ppl {t['valid_ppl']:.2f})")
+        elif t:
+            typer.echo(f"target       valid ppl <= {t['ppl']:g} not reached")
+    elif target_ppl is not None:
+        typer.echo(f"target       valid ppl <= {target_ppl:g} not reached (no validation recorded)")
     typer.echo("config:")
     typer.echo("\n".join("  " + ln if ln and not ln.startswith("[") else ln for ln in lm.config.to_toml().splitlines()))
-
-
-def _history(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    valid = [r for r in recs if r.get("event") == "valid"]
-    if not recs or not valid:
-        return {}
-    best = min(valid, key=lambda r: r["valid_loss"])
-    return {"steps": recs[-1]["step"], "tokens": recs[-1].get("tokens", 0),
-            "elapsed_s": max(r.get("elapsed_s", 0) for r in recs), "validations": len(valid),
-            "best_valid_ppl": best["valid_ppl"], "best_step": best["step"]}
 
 
 @app.command()

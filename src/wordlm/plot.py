@@ -1,4 +1,5 @@
-"""Training curves from metrics.jsonl as a PNG (matplotlib is an optional extra: pip install 'wordlm[plot]')."""
+"""What a run's metrics.jsonl says: a summary, the time to a target perplexity, and the training curves as a PNG
+(matplotlib is an optional extra: pip install 'wordlm[plot]')."""
 
 from __future__ import annotations
 
@@ -13,6 +14,30 @@ def read_metrics(run: Path) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"{path} does not exist; give a run directory that `wordlm train` wrote")
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
+    """Steps, tokens, wall time and the best validation of a run; {} when it has no validation yet. With
+    `target_ppl`, also when validation perplexity first reached it: {"target": {"ppl", "reached", and, when
+    reached, "elapsed_s", "step", "epoch", "tokens", "valid_ppl"}} (the time is the training loop's own clock,
+    validation and checkpoints included)."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    recs = read_metrics(run)
+    valid = [r for r in recs if r.get("event") == "valid"]
+    if not valid:
+        return {}
+    best = min(valid, key=lambda r: r["valid_loss"])
+    out = {"steps": recs[-1]["step"], "tokens": recs[-1].get("tokens", 0),
+           "elapsed_s": max(r.get("elapsed_s", 0) for r in recs), "validations": len(valid),
+           "best_valid_ppl": best["valid_ppl"], "best_step": best["step"]}
+    if target_ppl is not None:
+        hit = next((r for r in valid if r["valid_ppl"] <= target_ppl), None)
+        out["target"] = {"ppl": target_ppl, "reached": hit is not None}
+        if hit is not None:
+            out["target"].update({k: hit.get(k) for k in ("elapsed_s", "step", "epoch", "tokens", "valid_ppl")})
+    return out
 
 
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
