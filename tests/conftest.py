@@ -39,6 +39,34 @@ def small_corpus(tmp_path) -> dict:
             for name, n in (("train", 400), ("valid", 60), ("test", 60))}
 
 
+def train_until_sigint(monkeypatch, cfg, out: Path, at_window: int) -> str:
+    """Train `cfg` into `out` with a SIGINT raised as the `at_window`-th training window is read (as a Ctrl-C
+    would land), expect the clean stop, and return its message."""
+    import signal
+
+    from wordlm.data import Streams
+    from wordlm.errors import TrainingInterrupted
+    from wordlm.train import train
+
+    calls = {"n": 0}
+    window = Streams.window
+
+    def window_then_sigint(self, row, seq_len):
+        if self.batch_size == cfg.train.batch_size:
+            calls["n"] += 1
+            if calls["n"] == at_window:
+                signal.raise_signal(signal.SIGINT)
+        return window(self, row, seq_len)
+
+    monkeypatch.setattr(Streams, "window", window_then_sigint)
+    try:
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train(cfg, out)
+    finally:
+        monkeypatch.setattr(Streams, "window", window)
+    return str(stopped.value)
+
+
 def tiny_config(corpus: dict, **train):
     """A 1-layer LSTM of width 8 on `corpus`: seconds to train, deterministic on the CPU."""
     from wordlm.config import Config

@@ -18,7 +18,7 @@ from wordlm.checkpoint import load_checkpoint
 from wordlm.config import ConfigError, load_config
 from wordlm.train import train
 
-from conftest import tiny_config
+from conftest import tiny_config, train_until_sigint
 
 
 class ReplayOnCPU:
@@ -111,29 +111,11 @@ def test_a_step_that_cannot_be_recorded_is_one_line_telling_what_to_do(small_cor
 
 def test_a_recorded_run_stopped_and_resumed_matches_one_that_went_straight(small_corpus, tmp_path, monkeypatch):
     # The resumed process records the step anew, from the restored state, weights and optimizer.
-    import signal
-
-    from wordlm.data import Streams
-    from wordlm.errors import TrainingInterrupted
-
     monkeypatch.setattr(train_module._Loop, "graph_backend", ReplayOnCPU)
     cfg = tiny_config(small_corpus, device="auto", epochs=3, eval_every=7, schedule="cosine", cuda_graphs=True)
     cfg.model.dropout = 0.3
     train(cfg, tmp_path / "straight")
-    calls = {"n": 0}
-    window = Streams.window
-
-    def window_then_sigint(self, row, seq_len):
-        if self.batch_size == cfg.train.batch_size:
-            calls["n"] += 1
-            if calls["n"] == 17:
-                signal.raise_signal(signal.SIGINT)
-        return window(self, row, seq_len)
-
-    monkeypatch.setattr(Streams, "window", window_then_sigint)
-    with pytest.raises(TrainingInterrupted):
-        train(cfg, tmp_path / "cut")
-    monkeypatch.setattr(Streams, "window", window)
+    train_until_sigint(monkeypatch, cfg, tmp_path / "cut", 17)
     train(cfg, tmp_path / "cut", resume=True)
     a = load_checkpoint(tmp_path / "straight", prefer="last").model_state
     b = load_checkpoint(tmp_path / "cut", prefer="last").model_state

@@ -1,18 +1,17 @@
 import json
 import math
 import random
-import signal
+import re
 
 import pytest
 import torch
 
 from wordlm.checkpoint import load_checkpoint
 from wordlm.config import Config, TrainConfig
-from wordlm.data import Streams
-from wordlm.errors import ConfigError, TrainingInterrupted
+from wordlm.errors import ConfigError
 from wordlm.train import Schedule, train
 
-from conftest import tiny_config, write_lines
+from conftest import tiny_config, train_until_sigint, write_lines
 
 TIMING = ("tokens_per_s", "elapsed_s")
 
@@ -130,20 +129,8 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path,
     cfg.model.dropout = 0.3  # dropout draws random numbers: the RNG state must be restored too
     train(cfg, tmp_path / "straight")
 
-    calls = {"n": 0}
-    window = Streams.window
-
-    def window_then_sigint(self, row, seq_len):
-        if self.batch_size == cfg.train.batch_size:
-            calls["n"] += 1
-            if calls["n"] == 17:  # in the middle of epoch 2 (12 windows per epoch)
-                signal.raise_signal(signal.SIGINT)
-        return window(self, row, seq_len)
-
-    monkeypatch.setattr(Streams, "window", window_then_sigint)
-    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at step 17.*--resume"):
-        train(cfg, tmp_path / "cut")
-    monkeypatch.setattr(Streams, "window", window)
+    stopped = train_until_sigint(monkeypatch, cfg, tmp_path / "cut", 17)  # mid epoch 2 (12 windows an epoch)
+    assert re.search(r"stopped by SIGINT at step 17.*--resume", stopped), stopped
     assert load_checkpoint(tmp_path / "cut", prefer="last").meta["step"] == 17
     train(cfg, tmp_path / "cut", resume=True)
 
