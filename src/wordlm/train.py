@@ -7,7 +7,9 @@ training state, for --resume) and OUT/best/ (the weights with the lowest validat
 makes no host synchronisation per step: the host reads the device only at log intervals, at validation and at
 checkpoints. Non-finite steps (train.skip_nonfinite) are skipped on the device, by handing the fused optimizer a
 `found_inf` flag as a gradient scaler would, and counted there; the counts are read at those same points. (The
-adaptive softmax, a PyTorch module, synchronises inside its forward.)
+adaptive softmax, a PyTorch module, synchronises inside its forward.) Because the step's device work reads and
+writes tensors only (`_Loop._device_step`), it can also be recorded once as a CUDA graph and replayed
+(train.cuda_graphs).
 """
 
 from __future__ import annotations
@@ -412,6 +414,7 @@ class _Recorded:
 class _Loop:
     background_saves: bool | None = None  # None: in the background on accelerators, synchronous on the CPU
     graph_backend = CudaGraphs  # how train.cuda_graphs records a step (the tests put a CPU stand-in here)
+
     def __init__(self, cfg: Config, out: Path, device: torch.device, dist: Distributed, tokenizer: Tokenizer,
                  train_streams: Streams, valid_streams: Streams, ckpt, stop: _StopFlag, progress: bool):
         self.cfg, self.tc, self.out, self.device, self.dist = cfg, cfg.train, out, device, dist
