@@ -126,6 +126,24 @@ def test_recorded_steps_train_like_eager_steps(small_corpus, tmp_path, monkeypat
     assert all(isinstance(g["lr"], float) for g in last.train_state["optimizer"]["param_groups"])
 
 
+def test_awd_regularisers_are_recorded_too(small_corpus, tmp_path, monkeypatch):
+    # Weight drop, embedding and variational dropout, AR/TAR: every mask is drawn inside the recorded step.
+    def run(out, graphs):
+        cfg = tiny_config(small_corpus, device="auto", epochs=2, log_every=5, cuda_graphs=graphs, ar_alpha=2.0,
+                          tar_beta=1.0, weight_decay=1e-4)
+        for knob, p in (("num_layers", 2), ("weight_drop", 0.3), ("dropout_embedding", 0.1),
+                        ("dropout_input", 0.2), ("dropout_hidden", 0.2), ("dropout_output", 0.3)):
+            setattr(cfg.model, knob, p)
+        return train(cfg, out).model.state_dict()
+
+    eager = run(tmp_path / "eager", False)
+    monkeypatch.setattr(train_module._Loop, "graph_backend", RecordOnCPU)
+    graphed = run(tmp_path / "graphed", True)
+    assert RecordOnCPU.made[-1].captures == 1
+    for name, value in eager.items():
+        torch.testing.assert_close(graphed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_shorter_windows_and_the_warm_up_run_eagerly(small_corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module._Loop, "graph_backend", RecordOnCPU)
     counts = {}
