@@ -53,6 +53,20 @@ def test_initialisation_range():
     assert not m.decoder.bias.any()
 
 
+@pytest.mark.parametrize("layered", [False, True], ids=["fused-lstm", "per-layer-lstm"])
+def test_awd_initialisation_keeps_the_lstms_own_range(layered):
+    # AWD-LSTM: embedding (and tied decoder) in +-init_range, the LSTM in nn.LSTM's +-1/sqrt(hidden_size).
+    kw = dict(hidden_size=400, init_range=0.1, lstm_init="pytorch", weight_drop=0.5 if layered else 0.0)
+    m = make(**kw)
+    lstm = list((m.layers if layered else m.lstm).parameters())
+    bound = 1 / 400 ** 0.5
+    assert max(p.abs().max().item() for p in lstm) <= bound
+    assert min(p.abs().max().item() for p in lstm) > 0.9 * bound  # spread over the whole range
+    assert 0.09 < m.embedding.weight.abs().max().item() <= 0.1
+    zaremba = make(**{**kw, "lstm_init": "uniform"})
+    assert max(p.abs().max().item() for p in (zaremba.layers if layered else zaremba.lstm).parameters()) > 0.09
+
+
 def test_adaptive_softmax_gives_exact_log_probabilities():
     torch.manual_seed(0)
     m = LSTMLanguageModel(300, ModelConfig(embedding_size=16, hidden_size=16, num_layers=1, decoder="adaptive",

@@ -55,6 +55,9 @@ class ModelConfig:
     tie_weights: bool = _opt(False, "share the embedding and decoder matrix (needs embedding_size == hidden_size)")
     init_range: float = _opt(0.1, "weights start uniform in [-init_range, init_range] (Zaremba et al. 2014)",
                              min_excl=0.0)
+    lstm_init: str = _opt("uniform", "uniform: the LSTM's weights too start in [-init_range, init_range] (Zaremba); "
+                          "pytorch: nn.LSTM's own uniform in +-1/sqrt(hidden_size) (AWD-LSTM)",
+                          choices=("uniform", "pytorch"))
     proj_size: int = _opt(0, "LSTM output projection (nn.LSTM proj_size); tying then needs embedding_size == "
                           "proj_size (0 = no projection)", min=0)
     dropout_embedding: float = _opt(0.0, "AWD-LSTM: drop whole word rows of the embedding matrix", min=0.0,

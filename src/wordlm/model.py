@@ -60,10 +60,15 @@ class LSTMLanguageModel(nn.Module):
             self.decoder.weight = self.embedding.weight
 
     def reset_parameters(self) -> None:
-        # Zaremba et al. (2014): every weight uniform in [-r, r]; the decoder bias starts at zero.
+        # Zaremba et al. (2014): every weight uniform in [-r, r]; the decoder bias starts at zero. AWD-LSTM
+        # (lstm_init = "pytorch") keeps nn.LSTM's own +-1/sqrt(hidden_size) for the LSTM: at 1150 units that is
+        # 0.029, where r = 0.1 would start its gates three times as large.
         r = self.cfg.init_range
+        lstm = self.lstm if self.lstm is not None else self.layers
+        keep = {id(p) for p in lstm.parameters()} if self.cfg.lstm_init == "pytorch" else set()
         for p in self.parameters():
-            nn.init.uniform_(p, -r, r)
+            if id(p) not in keep:
+                nn.init.uniform_(p, -r, r)
         if self.decoder is not None:
             nn.init.zeros_(self.decoder.bias)
 
