@@ -67,6 +67,29 @@ def test_awd_initialisation_keeps_the_lstms_own_range(layered):
     assert max(p.abs().max().item() for p in (zaremba.layers if layered else zaremba.lstm).parameters()) > 0.09
 
 
+def test_awd_lstm_shape_has_the_papers_parameter_count():
+    # Merity et al. 2017 on PTB: 400 -> 1150 -> 1150 -> 400 LSTMs, a tied 400-d embedding, "24M parameters".
+    m = LSTMLanguageModel(10000, ModelConfig(embedding_size=400, hidden_size=1150, last_hidden_size=400,
+                                             num_layers=3, tie_weights=True))
+    assert [(layer.input_size, layer.hidden_size) for layer in m.layers] == [(400, 1150), (1150, 1150), (1150, 400)]
+    assert num_parameters(m) == 10000 * 400 + 4 * 1150 * (400 + 1150 + 2) + 4 * 1150 * (1150 + 1150 + 2) \
+        + 4 * 400 * (1150 + 400 + 2) + 10000 == 24_221_600
+
+
+def test_a_narrower_last_layer_carries_its_state_in_the_first_columns():
+    torch.manual_seed(0)
+    m = make(num_layers=3, embedding_size=8, last_hidden_size=8, tie_weights=True).eval()
+    ids = torch.randint(0, 50, (10, 2))
+    h0, c0 = m.init_state(2)
+    assert h0.shape == c0.shape == (3, 2, 16)
+    full, (h, c) = m(ids, (h0, c0))
+    assert full.shape == (10, 2, 50)
+    assert not h[2, :, 8:].any() and not c[2, :, 8:].any() and h[2, :, :8].any() and h[1, :, 8:].any()
+    a, state = m(ids[:4], (h0, c0))
+    b, _ = m(ids[4:], state)
+    torch.testing.assert_close(torch.cat([a, b]), full)
+
+
 def test_adaptive_softmax_gives_exact_log_probabilities():
     torch.manual_seed(0)
     m = LSTMLanguageModel(300, ModelConfig(embedding_size=16, hidden_size=16, num_layers=1, decoder="adaptive",

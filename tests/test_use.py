@@ -154,7 +154,7 @@ step = torch.export.load(sys.argv[1], extra_files=files).module()
 meta, tok = json.loads(files["wordlm.json"]), json.loads(files["tokenizer.json"])
 stoi = {w: i for i, w in enumerate(tok["itos"])}
 ids = [meta["eos_id"]] + [stoi[w] for w in sys.argv[2].split()]
-h = c = torch.zeros(meta["num_layers"], 1, meta["hidden_size"])
+h, c = torch.zeros(meta["num_layers"], 1, meta["h_size"]), torch.zeros(meta["num_layers"], 1, meta["c_size"])
 for i in ids:
     logprobs, h, c = step(torch.tensor([[i]]), h, c)
 print(json.dumps(logprobs[0].tolist()))

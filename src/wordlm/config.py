@@ -60,6 +60,8 @@ class ModelConfig:
                           choices=("uniform", "pytorch"))
     proj_size: int = _opt(0, "LSTM output projection (nn.LSTM proj_size); tying then needs embedding_size == "
                           "proj_size (0 = no projection)", min=0)
+    last_hidden_size: int = _opt(0, "width of the last LSTM layer (0 = hidden_size); AWD-LSTM's 400 lets a 400-d "
+                                 "embedding tie (one nn.LSTM per layer then)", min=0)
     dropout_embedding: float = _opt(0.0, "AWD-LSTM: drop whole word rows of the embedding matrix", min=0.0,
                                     max_excl=1.0)
     dropout_input: float = _opt(0.0, "AWD-LSTM: variational (locked) dropout on the embeddings", min=0.0,
@@ -241,11 +243,15 @@ def validate(cfg: Config) -> list[str]:
             if "max_excl" in m and v >= m["max_excl"]:
                 problems.append(f"{key} must be < {m['max_excl']}, got {v!r}")
     m, t, tok = cfg.model, cfg.train, cfg.tokenizer
-    out_size = m.proj_size or m.hidden_size
+    out_size = m.proj_size or m.last_hidden_size or m.hidden_size
     if m.tie_weights and m.embedding_size != out_size:
-        which = "model.proj_size" if m.proj_size else "model.hidden_size"
+        which = ("model.proj_size" if m.proj_size else "model.last_hidden_size" if m.last_hidden_size
+                 else "model.hidden_size")
         problems.append(f"model.tie_weights needs model.embedding_size == {which} "
                         f"(got {m.embedding_size} and {out_size}); make them equal or set tie_weights = false")
+    if m.proj_size and m.last_hidden_size:
+        problems.append("model.proj_size and model.last_hidden_size are two ways to narrow the LSTM's output: set "
+                        "one of them to 0")
     if m.proj_size and m.proj_size >= m.hidden_size:
         problems.append(f"model.proj_size must be smaller than model.hidden_size ({m.hidden_size}), "
                         f"got {m.proj_size}")

@@ -5,8 +5,8 @@
     # elsewhere, with only torch installed:
     files = {"tokenizer.json": "", "wordlm.json": ""}
     step = torch.export.load("demo.pt2", extra_files=files).module()
-    meta = json.loads(files["wordlm.json"])            # eos_id, num_layers, hidden_size, ...
-    h = c = torch.zeros(meta["num_layers"], 1, meta["hidden_size"])
+    meta = json.loads(files["wordlm.json"])            # eos_id, num_layers, h_size, c_size, ...
+    h, c = torch.zeros(meta["num_layers"], 1, meta["h_size"]), torch.zeros(meta["num_layers"], 1, meta["c_size"])
     logprobs, h, c = step(torch.tensor([[meta["eos_id"]]]), h, c)   # ids (1, B) -> (B, V) log-probabilities
 
 The graph is captured with `torch.export` (the successor of TorchScript) for one time step and any batch size;
@@ -26,7 +26,7 @@ from .errors import UsageError
 
 
 class NextTokenStep(nn.Module):
-    """ids (1, B), h, c (L, B, H) -> next-token log-probabilities (B, V), h, c."""
+    """ids (1, B), h (L, B, h_size), c (L, B, c_size) -> next-token log-probabilities (B, V), h, c."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -45,8 +45,8 @@ def export_model(lm, out: str | Path) -> Path:
     cfg = lm.config.model
     model = lm.model.float().cpu().eval()
     step = NextTokenStep(model).eval()
-    example = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(cfg.num_layers, 2, cfg.hidden_size),
-               torch.zeros(cfg.num_layers, 2, cfg.hidden_size))
+    h, c = model.init_state(2)  # the state's widths: hidden_size, or proj_size / a narrower last layer for h
+    example = (torch.zeros(1, 2, dtype=torch.long), h, c)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad(), warnings.catch_warnings():
         # nn.LSTM re-assigns its flat weight list while traced; harmless, the weights are captured as parameters.
@@ -54,7 +54,8 @@ def export_model(lm, out: str | Path) -> Path:
         program = torch.export.export(step, example, dynamic_shapes=({1: batch}, {1: batch}, {1: batch}))
     meta = {"format": "wordlm-next-token-step", "version": 1, "eos_id": lm.tokenizer.eos_id,
             "unk_id": lm.tokenizer.unk_id, "vocab_size": lm.tokenizer.vocab_size, "num_layers": cfg.num_layers,
-            "hidden_size": cfg.hidden_size, "inputs": "ids (1, B) int64, h and c (num_layers, B, hidden_size)",
+            "hidden_size": cfg.hidden_size, "h_size": h.shape[-1], "c_size": c.shape[-1],
+            "inputs": "ids (1, B) int64, h (num_layers, B, h_size), c (num_layers, B, c_size)",
             "outputs": "log-probabilities (B, vocab_size), h, c"}
     tmp = out.with_name(f".tmp-{out.name}")  # torch.export wants the .pt2 ending; renamed when complete
     torch.export.save(program, tmp, extra_files={"tokenizer.json": json.dumps(lm.tokenizer.to_state()),

@@ -21,11 +21,17 @@ class LSTMLanguageModel(nn.Module):
 
     def __init__(self, vocab_size: int, cfg: ModelConfig):
         super().__init__()
-        out_size = cfg.proj_size or cfg.hidden_size
+        # Each layer's LSTM width and output width: hidden_size, except a narrower last layer (AWD-LSTM) or a
+        # projection of every layer's output (proj_size).
+        self.widths = [cfg.hidden_size] * (cfg.num_layers - 1) + [cfg.last_hidden_size or cfg.hidden_size]
+        self.out_widths = [cfg.proj_size or w for w in self.widths]
+        out_size = self.out_widths[-1]
         if cfg.tie_weights and cfg.embedding_size != out_size:
             from .errors import ConfigError
 
-            raise ConfigError(f"model.tie_weights needs model.embedding_size == model.hidden_size "
+            which = ("model.proj_size" if cfg.proj_size else "model.last_hidden_size" if cfg.last_hidden_size
+                     else "model.hidden_size")
+            raise ConfigError(f"model.tie_weights needs model.embedding_size == {which} "
                               f"(got {cfg.embedding_size} and {out_size})")
         self.cfg = cfg
         self.vocab_size = vocab_size
@@ -34,11 +40,13 @@ class LSTMLanguageModel(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         # One fused multi-layer nn.LSTM, unless something must happen between layers (variational dropout) or
         # to a layer's weights (weight drop): then one single-layer nn.LSTM per layer, same state layout.
-        self.layered = cfg.dropout_hidden > 0 or cfg.weight_drop > 0
+        # (Also when the layers differ in width: one nn.LSTM has one width.)
+        self.layered = cfg.dropout_hidden > 0 or cfg.weight_drop > 0 or len(set(self.widths)) > 1
         if self.layered:
             self.lstm = None
             self.layers = nn.ModuleList(
-                nn.LSTM(cfg.embedding_size if i == 0 else out_size, cfg.hidden_size, 1, proj_size=cfg.proj_size)
+                nn.LSTM(cfg.embedding_size if i == 0 else self.out_widths[i - 1], self.widths[i], 1,
+                        proj_size=cfg.proj_size)
                 for i in range(cfg.num_layers))
         else:
             self.lstm = nn.LSTM(cfg.embedding_size, cfg.hidden_size, cfg.num_layers,
@@ -73,9 +81,10 @@ class LSTMLanguageModel(nn.Module):
             nn.init.zeros_(self.decoder.bias)
 
     def init_state(self, batch_size: int) -> State:
-        """A zero state on the weights' device and dtype."""
+        """A zero state on the weights' device and dtype: (h, c), each (num_layers, B, width). Layers narrower
+        than the widest (AWD-LSTM's last) use the first columns of their row; the rest stay zero."""
         w, L = self.embedding.weight, self.cfg.num_layers
-        return w.new_zeros(L, batch_size, self.out_size), w.new_zeros(L, batch_size, self.cfg.hidden_size)
+        return w.new_zeros(L, batch_size, max(self.out_widths)), w.new_zeros(L, batch_size, max(self.widths))
 
     def forward(self, ids: Tensor, state: State | None = None, targets: Tensor | None = None,
                 mean: bool = False) -> tuple[Tensor, State]:
@@ -124,14 +133,17 @@ class LSTMLanguageModel(nn.Module):
         hs, cs = [], []
         for i, layer in enumerate(self.layers):
             h, c = state[0][i: i + 1], state[1][i: i + 1]
+            if h.shape[-1] > self.out_widths[i] or c.shape[-1] > self.widths[i]:  # a narrower layer
+                h = h[..., :self.out_widths[i]].contiguous()
+                c = c[..., :self.widths[i]].contiguous()
             if self.training and self.cfg.weight_drop > 0:
                 x, h, c = _weight_dropped_lstm(layer, x, h, c, self.cfg.weight_drop)
             else:
                 x, (h, c) = layer(x, (h, c))
             if i < len(self.layers) - 1:
                 x = locked_dropout(x, self.cfg.dropout_hidden, self.training)
-            hs.append(h)
-            cs.append(c)
+            hs.append(F.pad(h, (0, state[0].shape[-1] - h.shape[-1])) if h.shape[-1] < state[0].shape[-1] else h)
+            cs.append(F.pad(c, (0, state[1].shape[-1] - c.shape[-1])) if c.shape[-1] < state[1].shape[-1] else c)
         return x, (torch.cat(hs), torch.cat(cs))
 
 
