@@ -177,6 +177,31 @@ def test_exported_model_matches_without_wordlm(demo_run, lm, tmp_path):
     torch.testing.assert_close(exported, original, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [{"proj_size": 4}, {"last_hidden_size": 4}], ids=["proj", "narrow-last"])
+def test_a_model_with_a_narrower_output_exports_too(small_corpus, tmp_path, shape):
+    from wordlm.generate import read_context
+    from wordlm.train import train
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(small_corpus, epochs=1)
+    cfg.model.num_layers, cfg.model.embedding_size, cfg.model.tie_weights = 2, 4, True
+    for k, v in shape.items():
+        setattr(cfg.model, k, v)
+    train(cfg, tmp_path / "run")
+    out = tmp_path / "m.pt2"
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    script = tmp_path / "run_exported.py"
+    script.write_text(EXPORTED)
+    proc = subprocess.run([sys.executable, str(script), str(out), "the cat sees"], capture_output=True, text=True,
+                          check=True, cwd=tmp_path)
+    exported = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    trained = load(tmp_path / "run")
+    original, _ = read_context(trained.model, trained.context_ids("the cat sees"))
+    torch.testing.assert_close(exported, original, atol=1e-5, rtol=0)
+
+
 def test_sentencepiece_predict_assembles_whole_words(tmp_path):
     from wordlm.config import load_config
     from wordlm.train import train
