@@ -13,9 +13,10 @@ from conftest import tiny_config
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_weight_drop_uses_cudnn_without_the_contiguous_chunk_warning():
+@pytest.mark.parametrize("last", [0, 32], ids=["equal-layers", "awd-shape"])
+def test_weight_drop_uses_cudnn_without_the_contiguous_chunk_warning(last):
     m = LSTMLanguageModel(100, ModelConfig(embedding_size=32, hidden_size=64, num_layers=3, weight_drop=0.5,
-                                           dropout_hidden=0.2)).cuda().train()
+                                           dropout_hidden=0.2, last_hidden_size=last)).cuda().train()
     ids = torch.randint(0, 100, (20, 8), device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "weights are not part of single contiguous chunk" would fail here
