@@ -168,9 +168,20 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(small_corpus, tmp_path):
         load_config(None, ["train.cuda_graphs=true", "model.decoder=\"adaptive\""])
     with pytest.raises(ConfigError, match="train.device is cpu"):
         load_config(None, ["train.cuda_graphs=true", "train.device=\"cpu\""])
-    if not torch.cuda.is_available():  # device auto lands on the CPU: refused when the loop starts
+    if not torch.cuda.is_available():  # device auto lands on the CPU: refused when training starts
         with pytest.raises(ConfigError, match="needs a CUDA device"):
             train(tiny_config(small_corpus, device="auto", cuda_graphs=True), tmp_path / "run")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_refusing_cuda_graphs_on_the_cpu_leaves_an_existing_run_alone(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(small_corpus, device="auto", epochs=1), run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        train(tiny_config(small_corpus, device="auto", cuda_graphs=True), run, overwrite=True)
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
 
 
 def test_a_host_read_in_the_step_is_refused_in_one_line_telling_what_to_do(small_corpus, tmp_path, monkeypatch):

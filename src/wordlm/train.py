@@ -306,6 +306,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
         check_text_file(getattr(cfg.data, what), f"data.{what}")
     tc = cfg.train
     dist = Distributed()
+    _Loop.check_graphs(tc, resolve_device(tc.device), dist.world)  # before --overwrite clears anything
     device = dist.start(resolve_device(tc.device))
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -432,12 +433,7 @@ class _Loop:
             self.forward = torch.compile(self.forward)
         self.graphs: _Recorded | None = None
         if tc.cuda_graphs:
-            if not self.graph_backend.supports(device):
-                raise ConfigError(f"train.cuda_graphs needs a CUDA device, and this run is on {device}: set "
-                                  f"train.cuda_graphs = false")
-            if dist.world > 1:
-                raise ConfigError("train.cuda_graphs runs in one process: drop --nproc or set train.cuda_graphs = "
-                                  "false")
+            self.check_graphs(tc, device, dist.world)
             self.graphs = _Recorded(self.graph_backend())
         params = list(self.model.parameters())
         if tc.optimizer in ("sgd", "ntasgd"):
@@ -563,6 +559,17 @@ class _Loop:
         """Block until at most `keep` background saves are unfinished; re-raise a failed save's error here."""
         while self._pending_saves and (len(self._pending_saves) > keep or self._pending_saves[0].done()):
             self._pending_saves.pop(0).result()
+
+    @classmethod
+    def check_graphs(cls, tc: TrainConfig, device: torch.device, world: int) -> None:
+        """Refuse train.cuda_graphs where it cannot run (what the config alone cannot tell)."""
+        if not tc.cuda_graphs:
+            return
+        if not cls.graph_backend.supports(device):
+            raise ConfigError(f"train.cuda_graphs needs a CUDA device, and this run is on {device}: set "
+                              f"train.cuda_graphs = false")
+        if world > 1:
+            raise ConfigError("train.cuda_graphs runs in one process: drop --nproc or set train.cuda_graphs = false")
 
     # --- the loop ------------------------------------------------------------------------------------------
     def _start_averaging(self) -> None:
