@@ -6,7 +6,7 @@
 #   bench:  benchmarks/gpu.py: wordlm's training loop (eager and with cuda_graphs) against a raw nn.LSTM step,
 #           batch 20 fp32 and batch 128 bf16, each cell the median of 2 turns (with PROFILE=N, also a profile
 #           of N steps of the raw step and of wordlm's loop);
-#   medium: configs/ptb-medium-gpu.toml with its 120 s budget, then with 60 s, each evaluated on test at
+#   medium: configs/ptb-medium-gpu.toml with its 90 s budget, then with 60 s, each evaluated on test at
 #           batch 1, with the time to validation perplexity 80;
 #   paper:  configs/ptb-medium.toml (the paper's recipe, 39 epochs), for whatever time is left;
 #   awd:    configs/ptb-awd-gpu.toml (AWD-LSTM in a 540 s budget), not in the default parts: it fills a call.
@@ -17,7 +17,7 @@
 #   EXTRA="--set model.hidden_size=32 --set model.embedding_size=32 --set train.device=cpu" \
 #   BENCH="--device cpu --steps 3 --hidden 32" LIMIT=200 bash scripts/gpu_session.sh
 # Runs from a source tree (PYTHONPATH=src); needs torch with CUDA, typer, tqdm, sentencepiece, pytest.
-# Writes OUT/session.log, OUT/metrics-*.jsonl and the 120 s model as OUT/model.tar.part-* (files of < 16 MB,
+# Writes OUT/session.log, OUT/metrics-*.jsonl and the 90 s model as OUT/model.tar.part-* (files of < 16 MB,
 # rejoin with: cat model.tar.part-* | tar x).
 set -u
 cd "$(dirname "$0")/.."
@@ -80,9 +80,9 @@ if [ -n "${PROFILE:-}" ]; then  # PROFILE=100: where the per-step gap between th
 fi
 
 if part medium; then
-    run_and_test medium-gpu-120 170 configs/ptb-medium-gpu.toml --set "train.cuda_graphs=$GRAPHS"
-    say "pack the 120 s model"
-    (cd "$RUNS/medium-gpu-120" && tar cf - best config.toml metrics.jsonl) | split -b 15m - "$OUT/model.tar.part-"
+    run_and_test medium-gpu-90 140 configs/ptb-medium-gpu.toml --set "train.cuda_graphs=$GRAPHS"
+    say "pack the 90 s model"
+    (cd "$RUNS/medium-gpu-90" && tar cf - best config.toml metrics.jsonl) | split -b 15m - "$OUT/model.tar.part-"
     ls -l "$OUT" | tee -a "$LOG"
     run_and_test medium-gpu-60 110 configs/ptb-medium-gpu.toml --set train.time_budget_s=60 \
         --set "train.cuda_graphs=$GRAPHS"
