@@ -9,10 +9,11 @@
 #   medium: configs/ptb-medium-gpu.toml with its 90 s budget, then with 60 s, each evaluated on test at
 #           batch 1, with the time to validation perplexity 80;
 #   paper:  configs/ptb-medium.toml (the paper's recipe, 39 epochs), for whatever time is left;
-#   awd:    configs/ptb-awd-gpu.toml (AWD-LSTM in a 540 s budget), not in the default parts: it fills a call.
+#   awd:    configs/ptb-awd-gpu.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT), not in the default
+#           parts: it fills a call.
 # Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
 #         PARTS="paper" LIMIT=400 ...  runs only the parts named (default: tests bench medium paper)
-#         PARTS=awd LIMIT=590 ...      the AWD attempt, a call of its own
+#         PARTS="tests awd" LIMIT=590 ...  the AWD attempt, a call of its own (with cuda_graphs if its tests pass)
 # A smoke run of the script itself on a CPU (small model, skipped GPU tests; about 4 minutes):
 #   EXTRA="--set model.hidden_size=32 --set model.embedding_size=32 --set train.device=cpu" \
 #   BENCH="--device cpu --steps 3 --hidden 32" LIMIT=200 bash scripts/gpu_session.sh
@@ -97,7 +98,10 @@ if part paper; then  # the whole 39 epochs if they fit, else stopped by a time b
         say "no time left for configs/ptb-medium.toml ($left s)"
     fi
 fi
-if part awd; then
-    run_and_test awd-gpu 600 configs/ptb-awd-gpu.toml
+if part awd; then  # the config's 540 s budget, or what is left of LIMIT
+    left=$(( LIMIT - ($(date +%s) - T0) - 40 ))
+    [ "$left" -lt 540 ] || left=540
+    run_and_test awd-gpu $(( left + 30 )) configs/ptb-awd-gpu.toml --set "train.time_budget_s=$left" \
+        --set "train.cuda_graphs=$GRAPHS"
 fi
 say "done"

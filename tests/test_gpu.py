@@ -103,3 +103,45 @@ def test_cuda_graphs_learn_with_dropout_and_make_no_host_sync_per_step(small_cor
     short = _sync_warnings(tiny_config(small_corpus, max_steps=30, **kw), tmp_path / "short")
     long = _sync_warnings(tiny_config(small_corpus, max_steps=90, **kw), tmp_path / "long")
     assert long - short < 5, (short, long)
+
+
+def test_cuda_graphs_with_variable_bptt_train_like_eager_steps(small_corpus, tmp_path, monkeypatch):
+    # One recording per window length, all in one shared memory pool: the replays of many recordings must not
+    # disturb each other (no dropout: the graphs draw their own masks).
+    from wordlm.train import _Loop, train
+
+    kw = dict(device="cuda", epochs=2, log_every=5, optimizer="sgd", lr=1.0, variable_bptt=True, seq_len=6)
+    eager = train(tiny_config(small_corpus, **kw), tmp_path / "eager")
+    made = []
+    init = _Loop.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(_Loop, "__init__", keep)
+    graphed = train(tiny_config(small_corpus, cuda_graphs=True, **kw), tmp_path / "graphed")
+    assert len(made[-1].graphs.steps) >= 3 and made[-1].graphs.replays > graphed.steps / 2
+    torch.testing.assert_close(_losses(tmp_path / "graphed"), _losses(tmp_path / "eager"), rtol=1e-3, atol=1e-3)
+    for a, b in zip(eager.model.parameters(), graphed.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+
+
+def awd_like_config(corpus, **train):
+    """ptb-awd-gpu.toml's ingredients, shrunk: 16 -> 32 -> 32 -> 16 LSTMs with a tied 16-d embedding, weight drop,
+    every dropout, AR/TAR, weight decay, variable BPTT."""
+    cfg = tiny_config(corpus, epochs=3, variable_bptt=True, ar_alpha=2.0, tar_beta=1.0, weight_decay=1e-6, **train)
+    for knob, v in (("num_layers", 3), ("embedding_size", 16), ("hidden_size", 32), ("last_hidden_size", 16),
+                    ("tie_weights", True), ("weight_drop", 0.3), ("dropout_embedding", 0.1), ("dropout_input", 0.2),
+                    ("dropout_hidden", 0.2), ("dropout_output", 0.2)):
+        setattr(cfg.model, knob, v)
+    return cfg
+
+
+def test_cuda_graphs_record_the_awd_recipe(small_corpus, tmp_path):
+    # Weight drop on cuDNN, the narrower last layer, every mask and variable BPTT inside the recordings, in bf16:
+    # it must record and learn about as well as on the CPU (eager, fp32: best valid ppl 15.1 there).
+    from wordlm.train import train
+
+    cfg = awd_like_config(small_corpus, device="cuda", precision="bf16", cuda_graphs=True)
+    assert train(cfg, tmp_path / "run").best_valid_ppl < 18

@@ -113,7 +113,8 @@ def test_recorded_steps_train_like_eager_steps(small_corpus, tmp_path, monkeypat
     monkeypatch.setattr(train_module._Loop, "graph_backend", RecordOnCPU)
     graphed, graphed_losses = _run(small_corpus, tmp_path / "graphed", True, optimizer=optimizer, lr=lr)
     rec = RecordOnCPU.made[-1]
-    assert rec.captures == 1 and rec.recorded_ops > 300  # forward, backward and optimizer: all of the step
+    # two recordings: the full windows, and each epoch's shorter last window (recorded when it comes again)
+    assert rec.captures == 2 and rec.recorded_ops > 300  # forward, backward and optimizer: all of the step
     assert graphed.steps == eager.steps
     # SGD comes out bit-equal. AdamW does not quite: the recorded step reads its learning rate from a float32
     # tensor (what the CUDA kernels take), eager steps from a Python float (the losses end 4e-7 apart). A fault
@@ -139,12 +140,12 @@ def test_awd_regularisers_are_recorded_too(small_corpus, tmp_path, monkeypatch):
     eager = run(tmp_path / "eager", False)
     monkeypatch.setattr(train_module._Loop, "graph_backend", RecordOnCPU)
     graphed = run(tmp_path / "graphed", True)
-    assert RecordOnCPU.made[-1].captures == 1
+    assert RecordOnCPU.made[-1].captures == 2
     for name, value in eager.items():
         torch.testing.assert_close(graphed[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_shorter_windows_and_the_warm_up_run_eagerly(small_corpus, tmp_path, monkeypatch):
+def test_the_warm_up_and_a_window_length_s_first_step_run_eagerly(small_corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module._Loop, "graph_backend", RecordOnCPU)
     counts = {}
     step = train_module._Loop._step
@@ -158,12 +159,36 @@ def test_shorter_windows_and_the_warm_up_run_eagerly(small_corpus, tmp_path, mon
     monkeypatch.setattr(train_module._Loop, "_step", spy)
     result, _ = _run(small_corpus, tmp_path / "run", True)
     assert counts["short"] == 2  # one per epoch: this text's rows do not divide into windows of 8
-    assert counts["eager"] == 3 + counts["short"] and counts["replays"] == result.steps - counts["eager"]
+    # 3 warm-up steps, then the first short window; the second short window replays its own recording
+    assert counts["eager"] == 3 + 1 and counts["replays"] == result.steps - counts["eager"]
+
+
+def test_variable_bptt_replays_one_recording_per_window_length(small_corpus, tmp_path, monkeypatch):
+    # AWD-LSTM's variable BPTT: window lengths drawn around seq_len, the learning rate scaled by length/seq_len.
+    # Each length is recorded the second time it comes, and the run still equals an eager one.
+    kw = dict(variable_bptt=True, seq_len=6)
+    eager, eager_losses = _run(small_corpus, tmp_path / "eager", False, **kw)
+    monkeypatch.setattr(train_module._Loop, "graph_backend", RecordOnCPU)
+    lengths, counts = [], {}
+    step = train_module._Loop._step
+
+    def spy(self, x, y):
+        lengths.append(x.shape[0])
+        step(self, x, y)
+        counts.update(eager=self.graphs.eager_steps, replays=self.graphs.replays, recorded=sorted(self.graphs.steps))
+
+    monkeypatch.setattr(train_module._Loop, "_step", spy)
+    graphed, graphed_losses = _run(small_corpus, tmp_path / "graphed", True, **kw)
+    repeated = {n for n in lengths if lengths.count(n) > 1}
+    assert len(repeated) >= 3 and counts["replays"] > len(lengths) / 2, (lengths, counts)
+    assert RecordOnCPU.made[-1].captures == len(counts["recorded"]) >= 3
+    assert set(counts["recorded"]) <= repeated
+    torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, msg=name, rtol=1e-5, atol=1e-6)
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_run(small_corpus, tmp_path):
-    with pytest.raises(ConfigError, match="variable_bptt"):
-        load_config(None, ["train.cuda_graphs=true", "train.variable_bptt=true"])
     with pytest.raises(ConfigError, match="adaptive"):
         load_config(None, ["train.cuda_graphs=true", "model.decoder=\"adaptive\""])
     with pytest.raises(ConfigError, match="train.device is cpu"):
@@ -213,3 +238,17 @@ def test_a_recorded_run_stopped_and_resumed_matches_one_that_went_straight(small
     b = load_checkpoint(tmp_path / "cut", prefer="last").model_state
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_the_awd_recipe_with_variable_bptt_replays_like_eager_steps(small_corpus, tmp_path, monkeypatch):
+    # ptb-awd-gpu.toml's ingredients, shrunk (tests/test_gpu.py's awd_like_config): every mask and AR/TAR in
+    # one recording per window length.
+    from test_gpu import awd_like_config
+
+    eager = train(awd_like_config(small_corpus, device="auto"), tmp_path / "eager")
+    monkeypatch.setattr(train_module._Loop, "graph_backend", RecordOnCPU)
+    graphed = train(awd_like_config(small_corpus, device="auto", cuda_graphs=True), tmp_path / "graphed")
+    assert RecordOnCPU.made[-1].captures >= 3
+    assert eager.best_valid_ppl < 16  # it learns: the GPU test asks the same recipe in bf16 for < 18
+    for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, msg=name, rtol=1e-5, atol=1e-6)

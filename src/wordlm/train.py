@@ -373,8 +373,13 @@ def _warn_train_changes(new: Config, old: Config) -> None:
 
 class CudaGraphs:
     """How train.cuda_graphs records and runs the step: PyTorch's recipe for whole-step capture. Eager steps (the
-    warm-up before recording, and windows of another length) run on a side stream, and the step is recorded
-    on that same stream; a replay is one launch on the current stream."""
+    warm-up before recording, and a window length's first step) run on a side stream, and the step is recorded
+    on that same stream; a replay is one launch on the current stream.
+
+    Every recording (one per window length) allocates from one shared memory pool, so that many lengths cost
+    about the memory of one step. That is safe here because recordings never run at the same time and none
+    leaves a tensor of that pool in use after its replay: what a step keeps (weights, optimizer state, the LSTM
+    state, the counters) lives outside the pool, and its gradients are made afresh by every replay."""
 
     @staticmethod
     def supports(device: torch.device) -> bool:
@@ -382,7 +387,8 @@ class CudaGraphs:
 
     def __init__(self):
         self.stream = torch.cuda.Stream()
-        self.graph = None
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: list = []
 
     @contextlib.contextmanager
     def eager(self):
@@ -392,24 +398,29 @@ class CudaGraphs:
         torch.cuda.current_stream().wait_stream(self.stream)
 
     def capture(self, fn):
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(self.graph, stream=self.stream):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             fn()
         torch.cuda.current_stream().wait_stream(self.stream)
-        return self.graph.replay
+        self.graphs.append(graph)
+        return graph.replay
 
 
 @dataclass
 class _Recorded:
-    """train.cuda_graphs' bookkeeping: the recorded step, its fixed input buffers, and counts for the log."""
+    """train.cuda_graphs' bookkeeping: the recorded steps, one per window length, with their fixed input
+    buffers, and counts for the log. A length is recorded the second time it comes (after `warmup_steps` eager
+    steps in all): its first step runs eagerly, so whatever the kernels set up lazily for a shape is done
+    before a recording. Variable BPTT draws lengths around seq_len: each common one gets a recording, and past
+    `max_recordings` lengths the rest run eagerly."""
     backend: object
     warmup_steps: int = 3
+    max_recordings: int = 64
     eager_steps: int = 0
     replays: int = 0
-    replay: object = None
-    x: torch.Tensor | None = None
-    y: torch.Tensor | None = None
+    seen: dict = field(default_factory=dict)  # window length -> eager steps taken at it
+    steps: dict = field(default_factory=dict)  # window length -> (replay, x buffer, y buffer)
 
 
 class _Loop:
@@ -722,6 +733,10 @@ class _Loop:
                 self._wait_for_saves()  # every checkpoint is on disk before train() returns or raises
             finally:
                 self._writer.shutdown()
+        if self.graphs is not None:
+            g = self.graphs
+            log.info("cuda_graphs: %d of %d steps replayed, %d window length(s) recorded", g.replays,
+                     g.replays + g.eager_steps, len(g.steps))
         return TrainResult(self.out, self.step, self._epoch_float(), self.tokens, self.best, _ppl(self.best),
                            self.elapsed, stop_reason, num_parameters(model), model)
 
@@ -753,38 +768,53 @@ class _Loop:
             self.state = state
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Train on one window: eagerly, or by replaying the recorded step (train.cuda_graphs), whose fixed
-        input buffers take the window first. A window of another length (an epoch's shorter last window) and
-        the first few steps (the warm-up a CUDA graph needs) run eagerly."""
+        """Train on one window: eagerly, or by replaying the step recorded for its length (train.cuda_graphs),
+        whose fixed input buffers take the window first. The first few steps (the warm-up a CUDA graph needs) and
+        the first step at each window length run eagerly."""
         g = self.graphs
         if g is None:
             self.state = self._device_step(x, y, detach_state(self.state))
             return
-        if g.replay is None and x.shape[0] == self.tc.seq_len and g.eager_steps >= g.warmup_steps:
-            g.x, g.y = x.clone(), y.clone()
-            self._wait_for_saves()  # no other thread near the device while the step is recorded
-            for group in self.opt.param_groups:
-                if "capturable" in group:  # AdamW refuses to be recorded without it (fused, it changes nothing)
-                    group["capturable"] = True
-            try:
-                g.replay = g.backend.capture(lambda: self._set_state(self._device_step(g.x, g.y, self.state)))
-            except RuntimeError as e:  # an operation that cannot be recorded (a host sync, a data-dependent shape)
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ConfigError(f"train.cuda_graphs: the training step could not be recorded as a CUDA graph "
-                                  f"({reason}); set train.cuda_graphs = false") from None
-            for group in self.opt.param_groups:
-                if "capturable" in group:
-                    group["capturable"] = False  # or every eager step warns
-            log.info("cuda_graphs: training step recorded at step %d", self.step + 1)
-        if g.replay is not None and x.shape == g.x.shape:
-            g.x.copy_(x)
-            g.y.copy_(y)
-            g.replay()
+        n = x.shape[0]
+        recorded = g.steps.get(n)
+        if (recorded is None and g.eager_steps >= g.warmup_steps and g.seen.get(n, 0) > 0
+                and len(g.steps) < g.max_recordings):
+            recorded = self._record(x, y)
+        if recorded is not None:
+            replay, gx, gy = recorded
+            gx.copy_(x)
+            gy.copy_(y)
+            replay()
             g.replays += 1
             return
         with g.backend.eager():
             self._set_state(self._device_step(x, y, self.state))
         g.eager_steps += 1
+        g.seen[n] = g.seen.get(n, 0) + 1
+
+    def _record(self, x: torch.Tensor, y: torch.Tensor):
+        """Record the step for windows of x's length; returns (replay, x buffer, y buffer). Recording runs
+        nothing: the caller replays it for this window."""
+        g = self.graphs
+        gx, gy = x.clone(), y.clone()
+        self._wait_for_saves()  # no other thread near the device while the step is recorded
+        for group in self.opt.param_groups:
+            if "capturable" in group:  # AdamW refuses to be recorded without it (fused, it changes nothing)
+                group["capturable"] = True
+        try:
+            replay = g.backend.capture(lambda: self._set_state(self._device_step(gx, gy, self.state)))
+        except RuntimeError as e:  # an operation that cannot be recorded (a host sync, a data-dependent shape)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"train.cuda_graphs: the training step could not be recorded as a CUDA graph "
+                              f"({reason}); set train.cuda_graphs = false") from None
+        finally:
+            for group in self.opt.param_groups:
+                if "capturable" in group:
+                    group["capturable"] = False  # or every eager step warns
+        g.steps[x.shape[0]] = (replay, gx, gy)
+        log.log(logging.INFO if len(g.steps) == 1 else logging.DEBUG,
+                "cuda_graphs: training step recorded at step %d (windows of %d)", self.step + 1, x.shape[0])
+        return g.steps[x.shape[0]]
 
     def _device_step(self, x: torch.Tensor, y: torch.Tensor, state):
         """Forward, backward, clipping and the optimizer step, with the loss added to run_loss and the skip
