@@ -376,10 +376,11 @@ class CudaGraphs:
     warm-up before recording, and a window length's first step) run on a side stream, and the step is recorded
     on that same stream; a replay is one launch on the current stream.
 
-    Every recording (one per window length) allocates from one shared memory pool, so that many lengths cost
-    about the memory of one step. That is safe here because recordings never run at the same time and none
-    leaves a tensor of that pool in use after its replay: what a step keeps (weights, optimizer state, the LSTM
-    state, the counters) lives outside the pool, and its gradients are made afresh by every replay."""
+    Every recording (one per window length) allocates from one shared memory pool, so that many lengths need
+    not each hold a step's worth of memory. Replays may come in any order: that is safe here because they never
+    run at the same time and no replay reads a pool tensor another one wrote. What a step keeps (weights,
+    optimizer state, the LSTM state, the counters) lives outside the pool, and every replay writes its
+    gradients afresh."""
 
     @staticmethod
     def supports(device: torch.device) -> bool:
