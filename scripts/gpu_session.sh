@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of issues #3 and #4 in one script that fits a 10-minute call on one GPU:
 #   tests:  the GPU tests (pytest -m gpu): weight drop on cuDNN without warnings, no host sync per training
-#           step, CUDA-graph steps equal to eager ones; the training runs below use train.cuda_graphs only if
+#           step, CUDA-graph steps equal to eager ones (also one recording per window length, as variable BPTT
+#           needs, and the AWD recipe recorded); the training runs below use train.cuda_graphs only if
 #           the CUDA-graph tests pass (GRAPHS=true or false forces it);
 #   bench:  benchmarks/gpu.py: wordlm's training loop (eager and with cuda_graphs) against a raw nn.LSTM step,
 #           batch 20 fp32 and batch 128 bf16, each cell the median of 2 turns (with PROFILE=N, also a profile
@@ -9,6 +10,10 @@
 #   medium: configs/ptb-medium-gpu.toml with its 90 s budget, then with 60 s, each evaluated on test at
 #           batch 1, with the time to validation perplexity 80;
 #   paper:  configs/ptb-medium.toml (the paper's recipe, 39 epochs), for whatever time is left;
+#   fast:   issue #3's "validation 79.4 in under 60 s": ptb-medium-gpu.toml with a 60 s budget, validated after
+#           every epoch and then every third epoch (each epoch end costs about 14% of a run, docs/RESULTS.md);
+#           not in the default parts (about 3 minutes; after the AWD call, if time is left, as its own call:
+#           GRAPHS=true PARTS=fast LIMIT=200)
 #   awd:    configs/ptb-awd-gpu.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT), not in the default
 #           parts: it fills a call.
 # Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
@@ -97,6 +102,11 @@ if part paper; then  # the whole 39 epochs if they fit, else stopped by a time b
     else
         say "no time left for configs/ptb-medium.toml ($left s)"
     fi
+fi
+if part fast; then
+    run_and_test fast60 100 configs/ptb-medium-gpu.toml --set train.time_budget_s=60 --set "train.cuda_graphs=$GRAPHS"
+    run_and_test fast60-eval3 100 configs/ptb-medium-gpu.toml --set train.time_budget_s=60 \
+        --set train.eval_every=1245 --set "train.cuda_graphs=$GRAPHS"
 fi
 if part awd; then  # the config's 540 s budget, or what is left of LIMIT
     left=$(( LIMIT - ($(date +%s) - T0) - 40 ))
