@@ -145,3 +145,21 @@ def test_cuda_graphs_record_the_awd_recipe(small_corpus, tmp_path):
 
     cfg = awd_like_config(small_corpus, device="cuda", precision="bf16", cuda_graphs=True)
     assert train(cfg, tmp_path / "run").best_valid_ppl < 18
+
+
+def test_checkpoint_host_copies_are_pinned_complete_and_keep_ties():
+    # A background save copies the weights into pinned host memory without a wait per tensor; what it returns
+    # must already hold the values (the writer thread reads it at once), and tied weights stay one tensor.
+    from wordlm.train import _host_copy
+
+    w = torch.randn(1000, 64, device="cuda")
+    state = {"embedding.weight": w, "decoder.weight": w, "bias": torch.randn(1000, device="cuda"),
+             "nested": [torch.arange(5, device="cuda")], "step": 3}
+    expected = {k: (v.cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    host = _host_copy(state)
+    w.add_(1.0)  # training goes on: the copy must not see it
+    assert host["embedding.weight"].is_pinned() and host["embedding.weight"].device.type == "cpu"
+    assert host["embedding.weight"] is host["decoder.weight"]
+    assert torch.equal(host["embedding.weight"], expected["embedding.weight"])
+    assert torch.equal(host["bias"], expected["bias"]) and torch.equal(host["nested"][0], torch.arange(5))
+    assert host["step"] == 3
