@@ -80,6 +80,17 @@ def tiny_config(corpus: dict, **train):
     return Config.from_dict(raw)
 
 
+def awd_like_config(corpus, **train):
+    """ptb-awd-gpu.toml's ingredients, shrunk: 16 -> 32 -> 32 -> 16 LSTMs with a tied 16-d embedding, weight drop,
+    every dropout, AR/TAR, weight decay, variable BPTT."""
+    cfg = tiny_config(corpus, epochs=3, variable_bptt=True, ar_alpha=2.0, tar_beta=1.0, weight_decay=1e-6, **train)
+    for knob, v in (("num_layers", 3), ("embedding_size", 16), ("hidden_size", 32), ("last_hidden_size", 16),
+                    ("tie_weights", True), ("weight_drop", 0.3), ("dropout_embedding", 0.1), ("dropout_input", 0.2),
+                    ("dropout_hidden", 0.2), ("dropout_output", 0.2)):
+        setattr(cfg.model, knob, v)
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
     """The demo config trained on the shipped corpus (a few seconds), shared by the tests that use a model."""

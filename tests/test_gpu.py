@@ -8,7 +8,7 @@ import torch
 from wordlm.config import ModelConfig
 from wordlm.model import LSTMLanguageModel
 
-from conftest import tiny_config
+from conftest import awd_like_config, tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -125,17 +125,6 @@ def test_cuda_graphs_with_variable_bptt_train_like_eager_steps(small_corpus, tmp
     torch.testing.assert_close(_losses(tmp_path / "graphed"), _losses(tmp_path / "eager"), rtol=1e-3, atol=1e-3)
     for a, b in zip(eager.model.parameters(), graphed.model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
-
-
-def awd_like_config(corpus, **train):
-    """ptb-awd-gpu.toml's ingredients, shrunk: 16 -> 32 -> 32 -> 16 LSTMs with a tied 16-d embedding, weight drop,
-    every dropout, AR/TAR, weight decay, variable BPTT."""
-    cfg = tiny_config(corpus, epochs=3, variable_bptt=True, ar_alpha=2.0, tar_beta=1.0, weight_decay=1e-6, **train)
-    for knob, v in (("num_layers", 3), ("embedding_size", 16), ("hidden_size", 32), ("last_hidden_size", 16),
-                    ("tie_weights", True), ("weight_drop", 0.3), ("dropout_embedding", 0.1), ("dropout_input", 0.2),
-                    ("dropout_hidden", 0.2), ("dropout_output", 0.2)):
-        setattr(cfg.model, knob, v)
-    return cfg
 
 
 def test_cuda_graphs_record_the_awd_recipe(small_corpus, tmp_path):

@@ -27,7 +27,7 @@ from wordlm.checkpoint import load_checkpoint
 from wordlm.config import ConfigError, load_config
 from wordlm.train import train
 
-from conftest import tiny_config, train_until_sigint
+from conftest import awd_like_config, tiny_config, train_until_sigint
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
 
@@ -241,10 +241,8 @@ def test_a_recorded_run_stopped_and_resumed_matches_one_that_went_straight(small
 
 
 def test_the_awd_recipe_with_variable_bptt_replays_like_eager_steps(small_corpus, tmp_path, monkeypatch):
-    # ptb-awd-gpu.toml's ingredients, shrunk (tests/test_gpu.py's awd_like_config): every mask and AR/TAR in
-    # one recording per window length.
-    from test_gpu import awd_like_config
-
+    # ptb-awd-gpu.toml's ingredients, shrunk (conftest's awd_like_config): every mask and AR/TAR in one recording
+    # per window length.
     eager = train(awd_like_config(small_corpus, device="auto"), tmp_path / "eager")
     monkeypatch.setattr(train_module._Loop, "graph_backend", RecordOnCPU)
     graphed = train(awd_like_config(small_corpus, device="auto", cuda_graphs=True), tmp_path / "graphed")
