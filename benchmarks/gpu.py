@@ -18,11 +18,13 @@ where they should not have differed at all.
     python benchmarks/gpu.py --data ../shared/data/ptb           # about a minute on one H200
     python benchmarks/gpu.py --device cpu --steps 3 --hidden 64  # a smoke run of the script itself
     python benchmarks/gpu.py --profile 100                         # where the gap between the two goes
+    python benchmarks/gpu.py --validation                          # a validation pass, eager vs recorded
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -154,6 +156,49 @@ def use_rows(config: Path, data: Path, hidden: int, device: torch.device) -> dic
     return out
 
 
+class _RunAgain:
+    """Off CUDA (a smoke run of the script): a "recording" that runs the window's Python again on each replay."""
+
+    eager = staticmethod(contextlib.nullcontext)
+
+    @staticmethod
+    def capture(fn):
+        return fn
+
+
+def validation_rows(config: Path, data: Path, hidden: int, device: torch.device, repeat: int = 3) -> list[dict]:
+    """Validation as training runs it (the valid split at 20 streams, ptb-medium-gpu's eval_batch_size), eager
+    (evaluate.total_nll) against train.cuda_graphs' recorded windows, seconds per pass (median of `repeat`, the
+    two taking turns), and how far apart their perplexities are."""
+    import math
+
+    from wordlm.model import build_model
+    from wordlm.train import CudaGraphs, _RecordedValidation
+
+    cfg = load_config(config, [f"model.embedding_size={hidden}", f"model.hidden_size={hidden}"])
+    tok = fit_tokenizer(cfg.tokenizer, lambda: iter_lines(data / "train.txt"))
+    model = build_model(cfg.model, tok.vocab_size, device)
+    streams = Streams(encode_file(data / "valid.txt", tok).ids, 20, device)
+    rows = []
+    for precision in ("fp32", "bf16"):
+        recorded = _RecordedValidation(CudaGraphs() if device.type == "cuda" else _RunAgain())
+        for _ in range(2):  # warm-up; the second pass records the window lengths
+            total_nll(model, streams, SEQ, precision)
+            recorded.total_nll(model, streams, SEQ, precision)
+        times: dict = {"eager": [], "recorded": []}
+        nll = {}
+        for _ in range(repeat):
+            for name, run in (("eager", total_nll), ("recorded", recorded.total_nll)):
+                t0 = time.perf_counter()
+                nll[name], n = run(model, streams, SEQ, precision)  # ends with a host read: the pass is done
+                times[name].append(time.perf_counter() - t0)
+        eager, rec = statistics.median(times["eager"]), statistics.median(times["recorded"])
+        rows.append({"precision": precision, "tokens": n, "eager_s": eager, "recorded_s": rec,
+                     "ppl_eager": math.exp(nll["eager"] / n), "ppl_recorded": math.exp(nll["recorded"] / n),
+                     "times": times})
+    return rows
+
+
 def profile(args, device: torch.device) -> None:
     """Where a step's time goes, raw step against wordlm's loop: operators by total device (or CPU) time."""
     from torch.profiler import ProfilerActivity
@@ -186,6 +231,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="measure every column N times, in turns; print medians")
     ap.add_argument("--no-graphs", action="store_true", help="leave out the cuda_graphs column")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--validation", action="store_true",
+                    help="instead of the table: time one validation pass, eager against cuda_graphs' recording")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="instead of the table: profile N steps of the raw step and of wordlm's loop at batch 20 "
                          "and print where the time goes (the per-step gap between the two)")
@@ -193,6 +240,18 @@ def main() -> None:
     device = torch.device(args.device)
     if args.profile:
         return profile(args, device)
+    if args.validation:
+        name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+        print(f"# device: {name}; torch {torch.__version__}; validation, {args.hidden}x2, "
+              f"20 streams, windows of {SEQ}\n")
+        print("| precision | tokens | eager pass | recorded pass | eager / recorded | valid ppl eager | recorded |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in validation_rows(args.config, args.data, args.hidden, device):
+            print(f"| {r['precision']} | {r['tokens']:,} | {r['eager_s'] * 1000:.1f} ms | "
+                  f"{r['recorded_s'] * 1000:.1f} ms | {r['eager_s'] / r['recorded_s']:.2f}x | "
+                  f"{r['ppl_eager']:.4f} | {r['ppl_recorded']:.4f} |")
+            print(json.dumps(r), flush=True)
+        return
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"# command: python benchmarks/gpu.py --data {args.data} --steps {args.steps} --repeat {args.repeat}"

@@ -152,3 +152,27 @@ def test_checkpoint_host_copies_are_pinned_complete_and_keep_ties():
     assert torch.equal(host["embedding.weight"], expected["embedding.weight"])
     assert torch.equal(host["bias"], expected["bias"]) and torch.equal(host["nested"][0], torch.arange(5))
     assert host["step"] == 3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphs_validation_reads_like_eager_validation(precision):
+    # train.cuda_graphs' validation: CUDA graphs recorded per window length, replayed along the text, against
+    # evaluate.total_nll; weights changed between validations (training) must be read by the replays.
+    from wordlm.data import Streams
+    from wordlm.evaluate import total_nll
+    from wordlm.train import CudaGraphs, _RecordedValidation
+
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(500, ModelConfig(embedding_size=128, hidden_size=128, num_layers=2, dropout=0.3,
+                                               weight_drop=0.3, tie_weights=True)).cuda().train()
+    streams = Streams(torch.randint(0, 500, (20 * 300 + 1,)).numpy(), 20, "cuda")  # 300 rows: 9 windows, the last of 19
+    rec = _RecordedValidation(CudaGraphs())
+    for _ in range(3):
+        got, n = rec.total_nll(model, streams, 35, precision)
+        want, m = total_nll(model, streams, 35, precision)
+        assert n == m and model.training
+        assert got == pytest.approx(want, rel=1e-6 if precision == "fp32" else 1e-4)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.02)
+    assert rec.recordings == 2 and rec.replays == 7 + 9 + 9

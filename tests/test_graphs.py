@@ -70,7 +70,8 @@ class RecordOnCPU:
         return True
 
     def __init__(self):
-        self.captures, self.recorded_ops = 0, 0
+        # training steps (recorded with gradients on) and validation windows (recorded without) apart
+        self.captures, self.recorded_ops, self.validation_captures = 0, 0, 0
         RecordOnCPU.made.append(self)
 
     def eager(self):
@@ -85,8 +86,11 @@ class RecordOnCPU:
             for t, held in rec.before.values():  # like a capture, recording has done nothing
                 t.copy_(held)
         torch.set_rng_state(rng)
-        self.captures += 1
-        self.recorded_ops = len(rec.ops)
+        if torch.is_grad_enabled():
+            self.captures += 1
+            self.recorded_ops = len(rec.ops)
+        else:
+            self.validation_captures += 1
 
         def replay():
             with torch.no_grad():
@@ -123,6 +127,12 @@ def test_recorded_steps_train_like_eager_steps(small_corpus, tmp_path, monkeypat
     torch.testing.assert_close(graphed_losses, eager_losses, **tol)
     for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, msg=name, **tol)
+    # validation is replayed too (its full windows from the first validation on), and reads the same
+    assert rec.validation_captures >= 1
+    valid = [[r["valid_loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "valid"] for run in ("eager", "graphed")]
+    assert len(valid[0]) == 2
+    torch.testing.assert_close(valid[1], valid[0], **tol)
     last = load_checkpoint(tmp_path / "graphed", prefer="last", train_state=True)
     assert all(isinstance(g["lr"], float) for g in last.train_state["optimizer"]["param_groups"])
 
@@ -250,3 +260,37 @@ def test_the_awd_recipe_with_variable_bptt_replays_like_eager_steps(small_corpus
     assert eager.best_valid_ppl < 16  # it learns: the GPU test asks the same recipe in bf16 for < 18
     for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, msg=name, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("last", [0, 12], ids=["equal-layers", "awd-shape"])
+def test_recorded_validation_computes_what_total_nll_does(last):
+    # One recording per window length (the full windows, then the text's shorter last one), replayed along the
+    # text with the LSTM state carried in place; weights changed by training between validations are read.
+    from wordlm.config import ModelConfig
+    from wordlm.data import Streams
+    from wordlm.evaluate import total_nll
+    from wordlm.model import LSTMLanguageModel
+
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(50, ModelConfig(embedding_size=12, hidden_size=16, num_layers=2, dropout=0.3,
+                                              last_hidden_size=last, tie_weights=bool(last)))
+    model.train()  # validation switches to eval mode (no dropout) and back
+    streams = Streams(torch.randint(0, 50, (2 * 61 + 1,)).numpy(), 2)  # 61 rows: windows of 7, the last of 4
+    rec = train_module._RecordedValidation(RecordOnCPU())
+    for n in range(3):
+        got = rec.total_nll(model, streams, 7, "fp32")
+        assert model.training
+        assert got == total_nll(model, streams, 7)
+        assert rec.backend.validation_captures == min(n + 1, 2)
+        with torch.no_grad():
+            for p in model.parameters():  # a training step between validations
+                p.add_(torch.randn_like(p), alpha=0.05)
+    assert rec.replays == 7 + 9 + 9  # eager: the first full window and the short one, then the short one
+    # NT-ASGD's average, once it starts, is another module with its own weights: recorded anew, not replayed
+    average = torch.optim.swa_utils.AveragedModel(model).module
+    with torch.no_grad():
+        for p in average.parameters():
+            p.mul_(0.5)
+    for _ in range(2):
+        assert rec.total_nll(average, streams, 7, "fp32") == total_nll(average, streams, 7)
+    assert rec.backend.validation_captures == 4

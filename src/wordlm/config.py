@@ -107,7 +107,8 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the training step's forward (costs ~20 s at start; measured +15% "
                          "tokens/s on the CPU bench model)")
     cuda_graphs: bool = _opt(False, "CUDA only: record the training step as a CUDA graph (once per window length) "
-                             "and replay it: one launch per step instead of hundreds; one process only")
+                             "and replay it: one launch per step instead of hundreds; validation's forward pass "
+                             "is recorded too; one process only")
     eval_every: int = _opt(0, "validate every N steps (0 = at the end of each epoch)", min=0)
     eval_batch_size: int = _opt(10, "streams used for validation", min=1)
     log_every: int = _opt(100, "steps between metrics.jsonl train records (the only host syncs)", min=1)

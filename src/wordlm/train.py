@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -424,6 +425,65 @@ class _Recorded:
     steps: dict = field(default_factory=dict)  # window length -> (replay, x buffer, y buffer)
 
 
+class _RecordedValidation:
+    """Validation under train.cuda_graphs: the forward pass over one validation window (eval mode, no gradient)
+    recorded per window length and replayed along the text, with the LSTM state and the summed NLL in fixed
+    buffers that each replay updates in place. It computes what evaluate.total_nll does (the tests compare the
+    two): one launch per window instead of the forward's operations one by one, which at validation's small
+    batch is what the time goes to. As for the training step, a length is recorded the second time it comes, so
+    the text's shorter last window is recorded at the second validation. A new model to evaluate (NT-ASGD's
+    average, once it starts) has other weight tensors, so its windows are recorded anew."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.model = None
+        self.seen: set[int] = set()
+        self.windows: dict = {}  # window length -> (replay, x buffer, y buffer)
+        self.recordings = self.replays = 0
+
+    @torch.no_grad()
+    def total_nll(self, model, streams: Streams, seq_len: int, precision: str,
+                  before_recording=lambda: None) -> tuple[float, int]:
+        if model is not self.model:
+            self.model, self.seen, self.windows = model, set(), {}
+            self.state = model.init_state(streams.batch_size)
+            self.total = torch.zeros((), dtype=torch.float64, device=self.state[0].device)
+        was_training = model.training
+        model.eval()
+        for t in (*self.state, self.total):
+            t.zero_()
+        try:
+            for row in range(0, streams.rows - 1, seq_len):
+                x, y = streams.window(row, seq_len)
+                n = x.shape[0]
+                if n not in self.windows and n in self.seen:
+                    before_recording()
+                    gx, gy = x.clone(), y.clone()
+                    replay = self.backend.capture(functools.partial(self._window, gx, gy, precision))
+                    self.windows[n] = (replay, gx, gy)
+                    self.recordings += 1
+                if n in self.windows:
+                    replay, gx, gy = self.windows[n]
+                    gx.copy_(x)
+                    gy.copy_(y)
+                    replay()
+                    self.replays += 1
+                else:
+                    self.seen.add(n)
+                    with self.backend.eager():
+                        self._window(x, y, precision)
+        finally:
+            model.train(was_training)
+        return self.total.item(), streams.targets
+
+    def _window(self, x: torch.Tensor, y: torch.Tensor, precision: str) -> None:
+        with autocast(x.device, precision, cache=False):
+            nll, state = self.model.nll(x, y, self.state)
+        self.total += nll.sum(dtype=torch.float64)
+        for dst, src in zip(self.state, state, strict=True):
+            dst.copy_(src)
+
+
 class _Loop:
     background_saves: bool | None = None  # None: in the background on accelerators, synchronous on the CPU
     graph_backend = CudaGraphs  # how train.cuda_graphs records a step (the tests put a CPU stand-in here)
@@ -444,9 +504,11 @@ class _Loop:
         if tc.compile:
             self.forward = torch.compile(self.forward)
         self.graphs: _Recorded | None = None
+        self.graphed_validation: _RecordedValidation | None = None
         if tc.cuda_graphs:
             self.check_graphs(tc, device, dist.world)
             self.graphs = _Recorded(self.graph_backend())
+            self.graphed_validation = _RecordedValidation(self.graphs.backend)
         params = list(self.model.parameters())
         if tc.optimizer in ("sgd", "ntasgd"):
             self.opt = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
@@ -597,7 +659,13 @@ class _Loop:
         return self.averaged.module if self.averaged is not None else self.model
 
     def validate(self) -> tuple[float, bool]:
-        nll, n = total_nll(self.eval_model, self.valid_streams, self.tc.seq_len, self.tc.precision)
+        started = self.elapsed
+        if self.graphed_validation is not None:
+            nll, n = self.graphed_validation.total_nll(self.eval_model, self.valid_streams, self.tc.seq_len,
+                                                       self.tc.precision, before_recording=self._wait_for_saves)
+        else:
+            nll, n = total_nll(self.eval_model, self.valid_streams, self.tc.seq_len, self.tc.precision)
+        self._tick()  # the result is known now (total_nll read it to the host): time to a target counts to here
         loss = nll / n
         switch = (self.tc.optimizer == "ntasgd" and self.averaged is None
                   and should_average(self.valid_history + [loss], self.tc.nonmono))
@@ -611,8 +679,8 @@ class _Loop:
         self.last_eval_step = self.step
         self.metrics.write({"event": "valid", "step": self.step, "epoch": self._epoch_float(),
                             "tokens": self.tokens, "valid_loss": loss, "valid_ppl": _ppl(loss),
-                            "best_valid_ppl": _ppl(self.best), "lr": self.schedule.at_step(self.step, self.elapsed),
-                            "elapsed_s": round(self.elapsed, 3)})
+                            "best_valid_ppl": _ppl(self.best), "lr": self.schedule.at_step(self.step, started),
+                            "elapsed_s": round(self.elapsed, 3), "valid_s": round(self.elapsed - started, 4)})
         if improved:
             self._save("best", loss)
         if switch:
@@ -736,8 +804,10 @@ class _Loop:
                 self._writer.shutdown()
         if self.graphs is not None:
             g = self.graphs
-            log.info("cuda_graphs: %d of %d steps replayed, %d window length(s) recorded", g.replays,
-                     g.replays + g.eager_steps, len(g.steps))
+            v = self.graphed_validation
+            log.info("cuda_graphs: %d of %d steps replayed, %d window length(s) recorded; validation: %d "
+                     "window(s) replayed, %d length(s) recorded", g.replays, g.replays + g.eager_steps, len(g.steps),
+                     v.replays, v.recordings)
         return TrainResult(self.out, self.step, self._epoch_float(), self.tokens, self.best, _ppl(self.best),
                            self.elapsed, stop_reason, num_parameters(model), model)
 
