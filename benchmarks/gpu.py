@@ -172,8 +172,8 @@ def validation_rows(config: Path, data: Path, hidden: int, device: torch.device,
     two taking turns), and how far apart their perplexities are."""
     import math
 
+    from wordlm.graphs import CudaGraphs, RecordedEvaluation
     from wordlm.model import build_model
-    from wordlm.train import CudaGraphs, _RecordedValidation
 
     cfg = load_config(config, [f"model.embedding_size={hidden}", f"model.hidden_size={hidden}"])
     tok = fit_tokenizer(cfg.tokenizer, lambda: iter_lines(data / "train.txt"))
@@ -181,7 +181,7 @@ def validation_rows(config: Path, data: Path, hidden: int, device: torch.device,
     streams = Streams(encode_file(data / "valid.txt", tok).ids, 20, device)
     rows = []
     for precision in ("fp32", "bf16"):
-        recorded = _RecordedValidation(CudaGraphs() if device.type == "cuda" else _RunAgain())
+        recorded = RecordedEvaluation(CudaGraphs() if device.type == "cuda" else _RunAgain())
         for _ in range(2):  # warm-up; the second pass records the window lengths
             total_nll(model, streams, SEQ, precision)
             recorded.total_nll(model, streams, SEQ, precision)

@@ -160,13 +160,13 @@ def test_cuda_graphs_validation_reads_like_eager_validation(precision):
     # evaluate.total_nll; weights changed between validations (training) must be read by the replays.
     from wordlm.data import Streams
     from wordlm.evaluate import total_nll
-    from wordlm.train import CudaGraphs, _RecordedValidation
+    from wordlm.graphs import CudaGraphs, RecordedEvaluation
 
     torch.manual_seed(0)
     model = LSTMLanguageModel(500, ModelConfig(embedding_size=128, hidden_size=128, num_layers=2, dropout=0.3,
                                                weight_drop=0.3, tie_weights=True)).cuda().train()
     streams = Streams(torch.randint(0, 500, (20 * 300 + 1,)).numpy(), 20, "cuda")  # 300 rows: 9 windows, the last of 19
-    rec = _RecordedValidation(CudaGraphs())
+    rec = RecordedEvaluation(CudaGraphs())
     for _ in range(3):
         got, n = rec.total_nll(model, streams, 35, precision)
         want, m = total_nll(model, streams, 35, precision)

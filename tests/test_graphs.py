@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 import wordlm.train as train_module
 from wordlm.checkpoint import load_checkpoint
 from wordlm.config import ConfigError, load_config
+from wordlm.graphs import RecordedEvaluation
 from wordlm.train import train
 
 from conftest import awd_like_config, tiny_config, train_until_sigint
@@ -62,7 +63,7 @@ class _Recording(TorchDispatchMode):
 
 
 class RecordOnCPU:
-    """A CPU stand-in for wordlm.train.CudaGraphs (see the module docstring)."""
+    """A CPU stand-in for wordlm.graphs.CudaGraphs (see the module docstring)."""
     made: list = []
 
     @staticmethod
@@ -276,7 +277,7 @@ def test_recorded_validation_computes_what_total_nll_does(last):
                                               last_hidden_size=last, tie_weights=bool(last)))
     model.train()  # validation switches to eval mode (no dropout) and back
     streams = Streams(torch.randint(0, 50, (2 * 61 + 1,)).numpy(), 2)  # 61 rows: windows of 7, the last of 4
-    rec = train_module._RecordedValidation(RecordOnCPU())
+    rec = RecordedEvaluation(RecordOnCPU())
     for n in range(3):
         got = rec.total_nll(model, streams, 7, "fp32")
         assert model.training
