@@ -50,7 +50,8 @@ run_and_test() {  # NAME SECONDS_LIMIT CONFIG [--set ...]: train, then test perp
         2>&1 | tail -n 6 | tee -a "$LOG"
     cp "$RUNS/$name/metrics.jsonl" "$OUT/metrics-$name.jsonl" 2>/dev/null
     say "test $name (batch 1)"
-    wordlm eval "$RUNS/$name" --split test --batch-size 1 --json 2>&1 | tail -n 1 | tee -a "$LOG"
+    wordlm eval "$RUNS/$name" --split test --batch-size 1 --json $([ "$GRAPHS" = true ] && echo --cuda-graphs) \
+        2>&1 | tail -n 1 | tee -a "$LOG"
     wordlm info "$RUNS/$name" --target-ppl 80 2>&1 | grep -e '^history' -e '^target' | tee -a "$LOG"
     wordlm info "$RUNS/$name" --target-ppl 79.4 2>&1 | grep -e '^target' | tee -a "$LOG"
 }

@@ -176,3 +176,22 @@ def test_cuda_graphs_validation_reads_like_eager_validation(precision):
             for p in model.parameters():
                 p.add_(torch.randn_like(p), alpha=0.02)
     assert rec.recordings == 2 and rec.replays == 7 + 9 + 9
+
+
+def test_cuda_graphs_eval_reads_like_plain_eval_on_the_gpu(demo_run):
+    # `wordlm eval --device cuda --cuda-graphs` at one stream (as the papers' test figures) and at ten, against
+    # the same evaluation without recording.
+    import json as json_
+
+    from typer.testing import CliRunner
+
+    from wordlm.cli import app
+
+    def ppl(*extra):
+        result = CliRunner().invoke(app, ["eval", str(demo_run), "--device", "cuda", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json_.loads(result.output.splitlines()[-1])["ppl"]
+
+    for streams in ("1", "10"):
+        plain = ppl("--batch-size", streams)
+        assert ppl("--batch-size", streams, "--cuda-graphs") == pytest.approx(plain, rel=1e-4)

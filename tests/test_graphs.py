@@ -295,3 +295,18 @@ def test_recorded_validation_computes_what_total_nll_does(last):
     for _ in range(2):
         assert rec.total_nll(average, streams, 7, "fp32") == total_nll(average, streams, 7)
     assert rec.backend.validation_captures == 4
+
+
+def test_wordlm_eval_with_recorded_windows_reads_as_without(demo_run, monkeypatch):
+    # `wordlm eval --cuda-graphs`: the same figures as plain evaluation, at one stream (every window replayed
+    # but the first and the short last one) and at several.
+    from wordlm.api import LanguageModel
+
+    monkeypatch.setattr("wordlm.graphs.CudaGraphs", RecordOnCPU)
+    lm = LanguageModel.load(demo_run)
+    for streams in (1, 3):
+        plain = lm.evaluate(lm.config.data.valid, batch_size=streams, seq_len=35)
+        made = len(RecordOnCPU.made)
+        recorded = lm.evaluate(lm.config.data.valid, batch_size=streams, seq_len=35, cuda_graphs=True)
+        assert len(RecordOnCPU.made) == made + 1 and RecordOnCPU.made[-1].validation_captures == 1
+        assert recorded == plain

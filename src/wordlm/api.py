@@ -23,7 +23,7 @@ from .data import Streams, encode_file
 from .errors import UsageError
 from .evaluate import report, total_nll
 from .generate import check_sampling, continue_ids, read_context
-from .model import build_model, num_parameters
+from .model import build_model, num_parameters, resolve_device
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("wordlm")
@@ -35,7 +35,10 @@ class LanguageModel:
         self.model.eval()
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", prefer: str = "best") -> LanguageModel:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", prefer: str = "best") -> LanguageModel:
+        """`device`: cpu, cuda, cuda:N, or auto (the GPU when one is visible)."""
+        if not isinstance(device, torch.device):
+            device = resolve_device(device, knob="device", fix="device='cpu'")
         ckpt = load_checkpoint(path, prefer=prefer)
         model = build_model(ckpt.config.model, ckpt.tokenizer.vocab_size)
         model.load_state_dict(ckpt.model_state)
@@ -70,10 +73,21 @@ class LanguageModel:
         split = encode_file(path, self.tokenizer, self.config.data.cache_dir or None, what="text to evaluate")
         return split, Streams(split.ids, batch_size, self.device)
 
-    def evaluate(self, path: str | Path, batch_size: int = 10, seq_len: int = 70) -> dict:
-        """Loss, perplexity, bits per token on a text file, the state carried through the whole text."""
+    def evaluate(self, path: str | Path, batch_size: int = 10, seq_len: int = 70, cuda_graphs: bool = False) -> dict:
+        """Loss, perplexity, bits per token on a text file, the state carried through the whole text. With
+        `cuda_graphs` (a CUDA device only) the forward pass over a window is recorded once per window length and
+        replayed along the text: the same figures, without launching each operation of each window from Python."""
+        from .graphs import CudaGraphs, RecordedEvaluation
+
+        if cuda_graphs and not CudaGraphs.supports(self.device):
+            raise UsageError(f"--cuda-graphs needs a CUDA device and the model is on {self.device}: drop "
+                             f"--cuda-graphs or use --device cuda")
         split, streams = self._streams(path, batch_size)
-        nll, n = total_nll(self.model, streams, seq_len, self.config.train.precision)
+        if cuda_graphs:
+            nll, n = RecordedEvaluation(CudaGraphs()).total_nll(self.model, streams, seq_len,
+                                                                self.config.train.precision)
+        else:
+            nll, n = total_nll(self.model, streams, seq_len, self.config.train.precision)
         out = report(nll, n, split, subword=self.tokenizer.kind != "word")
         out["total_nll"] = nll
         return out

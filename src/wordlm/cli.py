@@ -187,12 +187,19 @@ def eval_(
     dyn_lambda: Annotated[float | None, typer.Option(min=0.0, help="dynamic: decay toward the trained weights "
                                                      "(default: grid search)")] = None,
     dyn_seq_len: Annotated[int, typer.Option(min=1, help="dynamic: tokens per update")] = 5,
+    device: Annotated[str, typer.Option(help="auto (the GPU when one is visible), cpu, cuda or cuda:N")] = "auto",
+    cuda_graphs: Annotated[bool, typer.Option(help="CUDA only: record the forward pass over a window once per "
+                                              "window length and replay it (the same figures, faster at small "
+                                              "--batch-size)")] = False,
 ) -> None:
     """Loss (nats/token), perplexity and bits per token, the LSTM state carried through the whole text."""
     from .api import LanguageModel
-    from .errors import DataError
+    from .errors import DataError, UsageError
+    from .model import resolve_device
 
-    lm = LanguageModel.load(run)
+    if cuda_graphs and dynamic:
+        raise UsageError("--cuda-graphs records the static forward pass only: drop it with --dynamic")
+    lm = LanguageModel.load(run, device=resolve_device(device, knob="--device", fix="--device cpu"))
     path = data if data is not None else getattr(lm.config.data, split.value)
     if not path:
         raise DataError(f"the run's config has no data.{split.value} path; pass --data FILE")
@@ -201,7 +208,7 @@ def eval_(
         r = lm.evaluate_dynamic(path, dyn_lr, dyn_lambda, batch_size=batch_size, seq_len=dyn_seq_len,
                                 grid_on=grid_on)
     else:
-        r = lm.evaluate(path, batch_size=batch_size, seq_len=lm.config.train.seq_len)
+        r = lm.evaluate(path, batch_size=batch_size, seq_len=lm.config.train.seq_len, cuda_graphs=cuda_graphs)
     r = {"checkpoint": str(lm.path), "data": str(path), **r}
     if json_:
         typer.echo(json.dumps(r))

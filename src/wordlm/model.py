@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .errors import ConfigError
 
 State = tuple[Tensor, Tensor]  # (h, c), each (num_layers, B, hidden_size)
 
@@ -27,8 +30,6 @@ class LSTMLanguageModel(nn.Module):
         self.out_widths = [cfg.proj_size or w for w in self.widths]
         out_size = self.out_widths[-1]
         if cfg.tie_weights and cfg.embedding_size != out_size:
-            from .errors import ConfigError
-
             which = ("model.proj_size" if cfg.proj_size else "model.last_hidden_size" if cfg.last_hidden_size
                      else "model.hidden_size")
             raise ConfigError(f"model.tie_weights needs model.embedding_size == {which} "
@@ -186,3 +187,20 @@ def detach_state(state: State) -> State:
 
 def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device | str = "cpu") -> LSTMLanguageModel:
     return LSTMLanguageModel(vocab_size, cfg).to(device)
+
+
+def resolve_device(name: str, knob: str = "train.device", fix: str = "--set train.device=cpu") -> torch.device:
+    """`auto` is the GPU when one is visible, else the CPU. A CUDA device that is not there raises ConfigError
+    naming `knob` and the `fix`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"{knob} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{knob} is {name!r} but no CUDA GPU is visible; use {fix}")
+        index, count = torch.device(name).index, torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise ConfigError(f"{knob} is {name!r} but only {count} CUDA GPU(s) are visible (cuda:0 to "
+                              f"cuda:{count - 1})")
+    return torch.device(name)

@@ -43,18 +43,10 @@ from .errors import (
 )
 from .evaluate import autocast, total_nll
 from .graphs import CudaGraphs, RecordedEvaluation
-from .model import build_model, detach_state, num_parameters
+from .model import build_model, detach_state, num_parameters, resolve_device
 from .tokenizer import Tokenizer, fit_tokenizer
 
 log = logging.getLogger("wordlm")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but no CUDA GPU is visible; use --set train.device=cpu")
-    return torch.device(name)
 
 
 class Schedule:
