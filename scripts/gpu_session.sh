@@ -108,7 +108,7 @@ if part paper; then  # the whole 39 epochs if they fit, else stopped by a time b
 fi
 if part fast; then  # 58 s budgets: the last validation's result must be known before 60 s
     say "a validation pass, eager against recorded (benchmarks/gpu.py --validation)"
-    timeout 90 python3 benchmarks/gpu.py --data "$DATA" --validation 2>&1 | grep -e '^|' -e '^#' | tee -a "$LOG"
+    timeout 90 python3 benchmarks/gpu.py --data "$DATA" --validation ${BENCH:-} 2>&1 | grep -e '^|' -e '^#' | tee -a "$LOG"
     fast=(--set train.time_budget_s=58 --set model.dropout=0.55 --set "train.cuda_graphs=$GRAPHS")
     run_and_test fast58 100 configs/ptb-medium-gpu.toml "${fast[@]}"
     run_and_test fast58-eval5 100 configs/ptb-medium-gpu.toml "${fast[@]}" --set train.eval_every=2075
