@@ -195,3 +195,24 @@ def test_cuda_graphs_eval_reads_like_plain_eval_on_the_gpu(demo_run):
     for streams in ("1", "10"):
         plain = ppl("--batch-size", streams)
         assert ppl("--batch-size", streams, "--cuda-graphs") == pytest.approx(plain, rel=1e-4)
+
+
+def test_dynamic_evaluation_runs_on_the_gpu(demo_run):
+    # cuDNN refuses the backward pass of an LSTM in eval mode; dynamic evaluation adapts with PyTorch's own
+    # kernels instead. lr 0 keeps static evaluation's (cuDNN) kernels: equal to it exactly.
+    from pathlib import Path
+
+    from wordlm.api import LanguageModel
+    from wordlm.data import Streams, encode_file
+    from wordlm.evaluate import dynamic_total_nll, gradient_ms, total_nll
+
+    lm = LanguageModel.load(demo_run, device="cuda")
+    text = Path(__file__).resolve().parent.parent / "data" / "tiny" / "valid.txt"
+    streams = Streams(encode_file(text, lm.tokenizer).ids, 1, "cuda")
+    ms = gradient_ms(lm.model, streams, 5, windows=20)
+    static = total_nll(lm.model, streams, 5)
+    before = [p.detach().clone() for p in lm.model.parameters()]
+    assert dynamic_total_nll(lm.model, streams, 5, lr=0.0, decay=0.0, ms=ms) == static
+    adapted, n = dynamic_total_nll(lm.model, streams, 5, lr=1e-3, decay=0.0, ms=ms)
+    assert n == static[1] and adapted != static[0] and adapted == pytest.approx(static[0], rel=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))

@@ -53,6 +53,14 @@ def report(nll: float, targets: int, split: EncodedSplit | None = None, subword:
     return out
 
 
+def _no_cudnn():
+    """Gradients through an LSTM in eval mode (dynamic evaluation): cuDNN refuses the backward pass outside
+    training mode ("cudnn RNN backward can only be called in training mode"), so these passes use PyTorch's own
+    LSTM kernels. Training mode is not an option: it would switch the dropouts on."""
+    return torch.backends.cudnn.flags(enabled=False)
+
+
+@_no_cudnn()
 def gradient_ms(model: LSTMLanguageModel, streams: Streams, seq_len: int, windows: int = 200) -> list[torch.Tensor]:
     """Mean squared gradient of every parameter over the first `windows` windows of `streams`: the scale that
     dynamic evaluation divides its updates by (Krause et al. 2018, "RMS with a global prior")."""
@@ -97,19 +105,20 @@ def dynamic_total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int, 
     total = torch.zeros((), dtype=torch.float64, device=theta0[0].device)
     adapt = lr > 0  # with lr 0 the weights never leave theta0 (the decay pulls toward where they are)
     try:
-        for row in range(0, streams.rows - 1, seq_len):
-            x, y = streams.window(row, seq_len)
-            with torch.set_grad_enabled(adapt):
-                nll, state = model(x, (state[0].detach(), state[1].detach()), y)
-            total += nll.detach().sum(dtype=torch.float64)
-            if not adapt:
-                continue
-            grads = torch.autograd.grad(nll.mean(), params)
-            with torch.no_grad():
-                for j, (p, g) in enumerate(zip(params, grads, strict=True)):
-                    p.addcmul_(g, inv[j], value=-lr)
-                    if pull is not None:
-                        p.addcmul_(pull[j], theta0[j] - p)
+        with _no_cudnn() if adapt else contextlib.nullcontext():  # lr 0: the very kernels of static evaluation
+            for row in range(0, streams.rows - 1, seq_len):
+                x, y = streams.window(row, seq_len)
+                with torch.set_grad_enabled(adapt):
+                    nll, state = model(x, (state[0].detach(), state[1].detach()), y)
+                total += nll.detach().sum(dtype=torch.float64)
+                if not adapt:
+                    continue
+                grads = torch.autograd.grad(nll.mean(), params)
+                with torch.no_grad():
+                    for j, (p, g) in enumerate(zip(params, grads, strict=True)):
+                        p.addcmul_(g, inv[j], value=-lr)
+                        if pull is not None:
+                            p.addcmul_(pull[j], theta0[j] - p)
     finally:
         with torch.no_grad():
             for p, p0 in zip(params, theta0, strict=True):
