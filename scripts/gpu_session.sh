@@ -15,6 +15,9 @@
 #           budget, validated after every epoch and then every fifth (each epoch end cost about 14% of a run
 #           before validation was recorded, docs/RESULTS.md); not in the default parts (about 3 minutes; after
 #           the AWD call, if time is left, as its own call: GRAPHS=true PARTS=fast LIMIT=200)
+#   sweep:  ptb-medium-gpu.toml variants (SWEEP="set set;set ..."; default: dropout 0.5/0.55/0.6, lr 40, batch
+#           96 and 48) in 58 s budgets validated every 5 epochs, no test pass: which reaches valid 79.4 before
+#           60 s; as many as fit in LIMIT (about 70 s each);
 #   awd:    configs/ptb-awd-gpu.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT), not in the default
 #           parts: it fills a call.
 # Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
@@ -49,6 +52,10 @@ run_and_test() {  # NAME SECONDS_LIMIT CONFIG [--set ...]: train, then test perp
     timeout "$limit" python3 -m wordlm train --config "$config" --out "$RUNS/$name" --overwrite "${splits[@]}" ${EXTRA:-} "$@" \
         2>&1 | tail -n 6 | tee -a "$LOG"
     cp "$RUNS/$name/metrics.jsonl" "$OUT/metrics-$name.jsonl" 2>/dev/null
+    if [ -n "${NO_TEST:-}" ]; then
+        wordlm info "$RUNS/$name" --target-ppl 79.4 2>&1 | grep -e '^history' -e '^target' | tee -a "$LOG"
+        return
+    fi
     say "test $name (batch 1)"
     wordlm eval "$RUNS/$name" --split test --batch-size 1 --json $([ "$GRAPHS" = true ] && echo --cuda-graphs) \
         2>&1 | tail -n 1 | tee -a "$LOG"
@@ -112,6 +119,20 @@ if part fast; then  # 58 s budgets: the last validation's result must be known b
     fast=(--set train.time_budget_s=58 --set model.dropout=0.55 --set "train.cuda_graphs=$GRAPHS")
     run_and_test fast58 100 configs/ptb-medium-gpu.toml "${fast[@]}"
     run_and_test fast58-eval5 100 configs/ptb-medium-gpu.toml "${fast[@]}" --set train.eval_every=2075
+fi
+if part sweep; then  # ptb-medium-gpu variants in 58 s budgets, validation only: which reaches 79.4 soonest
+    IFS=';' read -ra variants <<< "${SWEEP:-model.dropout=0.55;model.dropout=0.5;model.dropout=0.6;\
+model.dropout=0.55 train.lr=40;model.dropout=0.55 train.batch_size=96 train.lr=40 train.eval_every=1380;\
+model.dropout=0.55 train.batch_size=48 train.eval_every=2765}"
+    i=0
+    for v in "${variants[@]}"; do
+        i=$(( i + 1 ))
+        [ $(( LIMIT - ($(date +%s) - T0) )) -gt 85 ] || { say "no time left for sweep $i ($v)"; break; }
+        sets=()
+        for kv in $v; do sets+=(--set "$kv"); done
+        NO_TEST=1 run_and_test "sweep$i" 85 configs/ptb-medium-gpu.toml --set train.time_budget_s=58 \
+            --set train.eval_every=2075 --set "train.cuda_graphs=$GRAPHS" "${sets[@]}"
+    done
 fi
 if part awd; then  # the config's 540 s budget, or what is left of LIMIT
     left=$(( LIMIT - ($(date +%s) - T0) - 40 ))
