@@ -295,6 +295,10 @@ def test_recorded_validation_computes_what_total_nll_does(last):
     for _ in range(2):
         assert rec.total_nll(average, streams, 7, "fp32") == total_nll(average, streams, 7)
     assert rec.backend.validation_captures == 4
+    # and another number of streams: the state buffers have another shape
+    three = Streams(torch.randint(0, 50, (3 * 40 + 1,)).numpy(), 3)
+    for _ in range(2):
+        assert rec.total_nll(average, three, 7, "fp32") == total_nll(average, three, 7)
 
 
 def test_wordlm_eval_with_recorded_windows_reads_as_without(demo_run, monkeypatch):

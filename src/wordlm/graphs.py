@@ -58,11 +58,11 @@ class RecordedEvaluation:
     what the time goes to. Validation under train.cuda_graphs and `wordlm eval --cuda-graphs` use it. As for
     the training step, a length is recorded the second time it comes (so a text's shorter last window is
     recorded on the second pass). A new model to evaluate (NT-ASGD's average, once it starts) has other weight
-    tensors, so its windows are recorded anew."""
+    tensors, so its windows are recorded anew, as they are for another number of streams or precision."""
 
     def __init__(self, backend):
         self.backend = backend
-        self.model = None
+        self.model = self.key = None
         self.seen: set[int] = set()
         self.windows: dict = {}  # window length -> (replay, x buffer, y buffer)
         self.recordings = self.replays = 0
@@ -70,8 +70,8 @@ class RecordedEvaluation:
     @torch.no_grad()
     def total_nll(self, model, streams: Streams, seq_len: int, precision: str,
                   before_recording=lambda: None) -> tuple[float, int]:
-        if model is not self.model:
-            self.model, self.seen, self.windows = model, set(), {}
+        if (model, streams.batch_size, precision) != self.key:  # recordings are for one model, batch, precision
+            self.key, self.model, self.seen, self.windows = (model, streams.batch_size, precision), model, set(), {}
             self.state = model.init_state(streams.batch_size)
             self.total = torch.zeros((), dtype=torch.float64, device=self.state[0].device)
         was_training = model.training
