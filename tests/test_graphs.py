@@ -314,3 +314,46 @@ def test_wordlm_eval_with_recorded_windows_reads_as_without(demo_run, monkeypatc
         recorded = lm.evaluate(lm.config.data.valid, batch_size=streams, seq_len=35, cuda_graphs=True)
         assert len(RecordOnCPU.made) == made + 1 and RecordOnCPU.made[-1].validation_captures == 1
         assert recorded == plain
+
+
+def test_a_forward_pass_that_cannot_be_recorded_is_refused_in_one_line(small_corpus, tmp_path, demo_run,
+                                                                       monkeypatch):
+    # A host read inside the evaluated forward pass cannot be recorded: training (validation) and wordlm eval
+    # each say so in one line, with what to do, instead of a traceback.
+    from wordlm.api import LanguageModel
+    from wordlm.errors import UsageError
+    from wordlm.model import LSTMLanguageModel
+
+    nll = LSTMLanguageModel.nll
+
+    def nll_and_read(self, *args, **kwargs):
+        out = nll(self, *args, **kwargs)
+        float(out[0].sum())  # a host read: fine eagerly, impossible inside a CUDA graph
+        return out
+
+    monkeypatch.setattr(LSTMLanguageModel, "nll", nll_and_read)  # validation's forward, not the training step's
+    monkeypatch.setattr(train_module._Loop, "graph_backend", RecordOnCPU)
+    monkeypatch.setattr("wordlm.graphs.CudaGraphs", RecordOnCPU)
+    with pytest.raises(ConfigError) as e:
+        train(tiny_config(small_corpus, device="auto", cuda_graphs=True, epochs=2), tmp_path / "run")
+    assert str(e.value).startswith("train.cuda_graphs: validation's forward pass could not be recorded as a CUDA "
+                                   "graph (operation not permitted when stream is capturing")
+    assert str(e.value).endswith("; set train.cuda_graphs = false") and "\n" not in str(e.value)
+    lm = LanguageModel.load(demo_run)
+    with pytest.raises(UsageError) as e:
+        lm.evaluate(lm.config.data.valid, batch_size=1, cuda_graphs=True)
+    assert str(e.value).startswith("--cuda-graphs: the forward pass could not be recorded as a CUDA graph")
+    assert str(e.value).endswith("; drop --cuda-graphs") and "\n" not in str(e.value)
+
+
+def test_wordlm_eval_refuses_to_record_the_adaptive_softmax(small_corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from wordlm.cli import app
+
+    cfg = tiny_config(small_corpus, device="auto")
+    cfg.model.decoder, cfg.model.adaptive_cutoffs = "adaptive", [8]
+    train(cfg, tmp_path / "run")
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "run"), "--device", "cpu", "--cuda-graphs"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("error: --cuda-graphs cannot record the adaptive softmax"), result.output

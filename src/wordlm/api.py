@@ -77,15 +77,22 @@ class LanguageModel:
         """Loss, perplexity, bits per token on a text file, the state carried through the whole text. With
         `cuda_graphs` (a CUDA device only) the forward pass over a window is recorded once per window length and
         replayed along the text: the same figures, without launching each operation of each window from Python."""
-        from .graphs import CudaGraphs, RecordedEvaluation
+        from .graphs import CudaGraphs, NotRecordable, RecordedEvaluation
 
+        if cuda_graphs and self.config.model.decoder == "adaptive":
+            raise UsageError("--cuda-graphs cannot record the adaptive softmax (its shapes depend on the targets): "
+                             "drop --cuda-graphs")
         if cuda_graphs and not CudaGraphs.supports(self.device):
             raise UsageError(f"--cuda-graphs needs a CUDA device and the model is on {self.device}: drop "
                              f"--cuda-graphs or use --device cuda")
         split, streams = self._streams(path, batch_size)
         if cuda_graphs:
-            nll, n = RecordedEvaluation(CudaGraphs()).total_nll(self.model, streams, seq_len,
-                                                                self.config.train.precision)
+            try:
+                nll, n = RecordedEvaluation(CudaGraphs()).total_nll(self.model, streams, seq_len,
+                                                                    self.config.train.precision)
+            except NotRecordable as e:
+                raise UsageError(f"--cuda-graphs: the forward pass could not be recorded as a CUDA graph ({e}); "
+                                 f"drop --cuda-graphs") from None
         else:
             nll, n = total_nll(self.model, streams, seq_len, self.config.train.precision)
         out = report(nll, n, split, subword=self.tokenizer.kind != "word")

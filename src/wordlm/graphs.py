@@ -50,6 +50,10 @@ class CudaGraphs:
         return graph.replay
 
 
+class NotRecordable(RuntimeError):
+    """A forward pass that cannot be recorded (a host read or a data-dependent shape inside it)."""
+
+
 class RecordedEvaluation:
     """Evaluation with recorded windows: the forward pass over one window (eval mode, no gradient) recorded per
     window length and replayed along the text, with the LSTM state and the summed NLL in fixed buffers that
@@ -85,7 +89,11 @@ class RecordedEvaluation:
                 if n not in self.windows and n in self.seen:
                     before_recording()
                     gx, gy = x.clone(), y.clone()
-                    replay = self.backend.capture(functools.partial(self._window, gx, gy, precision))
+                    try:
+                        replay = self.backend.capture(functools.partial(self._window, gx, gy, precision))
+                    except RuntimeError as e:
+                        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                        raise NotRecordable(reason) from None
                     self.windows[n] = (replay, gx, gy)
                     self.recordings += 1
                 if n in self.windows:

@@ -42,7 +42,7 @@ from .errors import (
     TrainingInterrupted,
 )
 from .evaluate import autocast, total_nll
-from .graphs import CudaGraphs, RecordedEvaluation
+from .graphs import CudaGraphs, NotRecordable, RecordedEvaluation
 from .model import build_model, detach_state, num_parameters, resolve_device
 from .tokenizer import Tokenizer, fit_tokenizer
 
@@ -557,8 +557,12 @@ class _Loop:
     def validate(self) -> tuple[float, bool]:
         started = self.elapsed
         if self.graphed_validation is not None:
-            nll, n = self.graphed_validation.total_nll(self.eval_model, self.valid_streams, self.tc.seq_len,
-                                                       self.tc.precision, before_recording=self._wait_for_saves)
+            try:
+                nll, n = self.graphed_validation.total_nll(self.eval_model, self.valid_streams, self.tc.seq_len,
+                                                           self.tc.precision, before_recording=self._wait_for_saves)
+            except NotRecordable as e:
+                raise ConfigError(f"train.cuda_graphs: validation's forward pass could not be recorded as a CUDA "
+                                  f"graph ({e}); set train.cuda_graphs = false") from None
         else:
             nll, n = total_nll(self.eval_model, self.valid_streams, self.tc.seq_len, self.tc.precision)
         self._tick()  # the result is known now (total_nll read it to the host): time to a target counts to here
