@@ -242,3 +242,19 @@ def test_dynamic_evaluation_cli_chooses_by_grid(demo_run):
     out = json.loads(r.output.strip().splitlines()[-1])
     assert len(out["dynamic"]["grid"]) == 3 and out["dynamic"]["decay"] == 0
     assert out["dynamic"]["lr"] == min(out["dynamic"]["grid"], key=lambda g: g["ppl"])["lr"]
+
+
+def test_evaluation_windows_change_speed_not_figures(lm):
+    # `wordlm eval` reads long windows (fewer fixed costs per token); the state is carried between windows, so
+    # the figures are those of the training window's length.
+    from wordlm.evaluate import eval_window
+
+    text = ROOT / "data" / "tiny" / "valid.txt"
+    assert eval_window(1, 10_000) == 400 and eval_window(20, 10_000) == 35 and eval_window(1, 100) == 1000
+    for streams in (1, 4):
+        chosen = eval_window(streams, lm.tokenizer.vocab_size, lm.config.train.seq_len)
+        assert chosen > lm.config.train.seq_len
+        default = lm.evaluate(text, batch_size=streams)
+        short = lm.evaluate(text, batch_size=streams, seq_len=lm.config.train.seq_len)
+        assert default["tokens"] == short["tokens"]
+        assert default["total_nll"] == pytest.approx(short["total_nll"], rel=1e-9)

@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .data import Streams, encode_file
 from .errors import UsageError
-from .evaluate import report, total_nll
+from .evaluate import eval_window, report, total_nll
 from .generate import check_sampling, continue_ids, read_context
 from .model import build_model, num_parameters, resolve_device
 from .tokenizer import Tokenizer
@@ -73,10 +73,13 @@ class LanguageModel:
         split = encode_file(path, self.tokenizer, self.config.data.cache_dir or None, what="text to evaluate")
         return split, Streams(split.ids, batch_size, self.device)
 
-    def evaluate(self, path: str | Path, batch_size: int = 10, seq_len: int = 70, cuda_graphs: bool = False) -> dict:
-        """Loss, perplexity, bits per token on a text file, the state carried through the whole text. With
-        `cuda_graphs` (a CUDA device only) the forward pass over a window is recorded once per window length and
-        replayed along the text: the same figures, without launching each operation of each window from Python."""
+    def evaluate(self, path: str | Path, batch_size: int = 10, seq_len: int | None = None,
+                 cuda_graphs: bool = False) -> dict:
+        """Loss, perplexity, bits per token on a text file, the state carried through the whole text, read in
+        windows of `seq_len` tokens per stream (default: evaluate.eval_window's choice; the figures do not
+        depend on it). With `cuda_graphs` (a CUDA device only) the forward pass over a window is recorded once per
+        window length and replayed along the text: the same figures, without launching each operation of each
+        window from Python."""
         from .graphs import CudaGraphs, NotRecordable, RecordedEvaluation
 
         if cuda_graphs and self.config.model.decoder == "adaptive":
@@ -86,6 +89,8 @@ class LanguageModel:
             raise UsageError(f"--cuda-graphs needs a CUDA device and the model is on {self.device}: drop "
                              f"--cuda-graphs or use --device cuda")
         split, streams = self._streams(path, batch_size)
+        if seq_len is None:
+            seq_len = eval_window(batch_size, self.tokenizer.vocab_size, self.config.train.seq_len)
         if cuda_graphs:
             try:
                 nll, n = RecordedEvaluation(CudaGraphs()).total_nll(self.model, streams, seq_len,

@@ -208,7 +208,7 @@ def eval_(
         r = lm.evaluate_dynamic(path, dyn_lr, dyn_lambda, batch_size=batch_size, seq_len=dyn_seq_len,
                                 grid_on=grid_on)
     else:
-        r = lm.evaluate(path, batch_size=batch_size, seq_len=lm.config.train.seq_len, cuda_graphs=cuda_graphs)
+        r = lm.evaluate(path, batch_size=batch_size, cuda_graphs=cuda_graphs)
     r = {"checkpoint": str(lm.path), "data": str(path), **r}
     if json_:
         typer.echo(json.dumps(r))

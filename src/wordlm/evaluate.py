@@ -19,6 +19,15 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
     return contextlib.nullcontext()
 
 
+def eval_window(batch_size: int, vocab_size: int, floor: int = 35) -> int:
+    """Tokens per stream in one forward pass of an evaluation. The LSTM state is carried from window to window,
+    so the length changes no figure (the tests check), only speed and memory: each window pays a fixed cost
+    (the calls, the decoder and softmax launched once), which at one stream is most of the time, so long
+    windows pay it less often. The logits of a window stay near 4M values (16 MB in fp32); never shorter than
+    `floor` (the training window), never over 1,000."""
+    return max(floor, min(1000, 4_000_000 // max(1, batch_size * vocab_size)))
+
+
 @torch.no_grad()
 def total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int = 70,
               precision: str = "fp32") -> tuple[float, int]:
