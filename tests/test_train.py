@@ -206,3 +206,33 @@ def test_compiled_training_matches_eager(small_corpus, tmp_path):
     eager = train(tiny_config(small_corpus, max_steps=5), tmp_path / "eager")
     compiled = train(tiny_config(small_corpus, max_steps=5, compile=True), tmp_path / "compiled")
     assert compiled.best_valid_loss == pytest.approx(eager.best_valid_loss, rel=1e-4)
+
+
+def test_a_valid_record_says_when_its_result_was_known_and_how_long_the_pass_took(small_corpus, tmp_path,
+                                                                                     monkeypatch):
+    # Time to a target perplexity counts the validation pass that measured it.
+    import time
+
+    from typer.testing import CliRunner
+
+    import wordlm.train as train_module
+    from wordlm.cli import app
+
+    slow = train_module.total_nll
+
+    def slow_total_nll(*args, **kwargs):
+        time.sleep(0.2)
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "total_nll", slow_total_nll)
+    out = tmp_path / "run"
+    train(tiny_config(small_corpus, epochs=0, max_steps=20, eval_every=10, log_every=10), out)
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    pairs = [(a, b) for a, b in zip(recs, recs[1:], strict=False) if b["event"] == "valid"]
+    assert len(pairs) == 2 and all(a["event"] == "train" for a, _ in pairs)
+    for before, valid in pairs:
+        assert valid["valid_s"] >= 0.2
+        assert valid["elapsed_s"] >= before["elapsed_s"] + 0.2  # the pass is inside the time
+    r = CliRunner().invoke(app, ["info", str(out), "--json"])
+    assert json.loads(r.output.splitlines()[-1])["valid_s_total"] == pytest.approx(
+        sum(v["valid_s"] for _, v in pairs), abs=1e-3)

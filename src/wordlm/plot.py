@@ -20,7 +20,7 @@ def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
     """Steps, tokens, wall time and the best validation of a run; {} when it has no validation yet. With
     `target_ppl`, also when validation perplexity first reached it: {"target": {"ppl", "reached", and, when
     reached, "elapsed_s", "step", "epoch", "tokens", "valid_ppl"}} (the time is the training loop's own clock,
-    validation and checkpoints included)."""
+    validation and checkpoints included). "valid_s_total": the time the validation passes took, where recorded."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return {}
@@ -32,6 +32,9 @@ def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
     out = {"steps": recs[-1]["step"], "tokens": recs[-1].get("tokens", 0),
            "elapsed_s": max(r.get("elapsed_s", 0) for r in recs), "validations": len(valid),
            "best_valid_ppl": best["valid_ppl"], "best_step": best["step"]}
+    timed = [r["valid_s"] for r in valid if "valid_s" in r]  # runs before valid_s was recorded have none
+    if timed:
+        out["valid_s_total"] = round(sum(timed), 3)
     if target_ppl is not None:
         hit = next((r for r in valid if r["valid_ppl"] <= target_ppl), None)
         out["target"] = {"ppl": target_ppl, "reached": hit is not None}
