@@ -123,11 +123,10 @@ def dynamic_total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int, 
                 if not adapt:
                     continue
                 grads = torch.autograd.grad(nll.mean(), params)
-                with torch.no_grad():
-                    for j, (p, g) in enumerate(zip(params, grads, strict=True)):
-                        p.addcmul_(g, inv[j], value=-lr)
-                        if pull is not None:
-                            p.addcmul_(pull[j], theta0[j] - p)
+                with torch.no_grad():  # one fused multiply-add per weight, then the pull as an interpolation
+                    torch._foreach_addcmul_(params, grads, inv, value=-lr)
+                    if pull is not None:
+                        torch._foreach_lerp_(params, theta0, pull)  # theta + pull * (theta0 - theta)
     finally:
         with torch.no_grad():
             for p, p0 in zip(params, theta0, strict=True):
