@@ -23,6 +23,8 @@
 # Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
 #         PARTS="paper" LIMIT=400 ...  runs only the parts named (default: tests bench medium paper)
 #         PARTS="tests awd" LIMIT=590 ...  the AWD attempt, a call of its own (with cuda_graphs if its tests pass)
+# On a lent machine that cannot see ../shared: cp -r ../shared/data/ptb .gpu_data/ here first (.gpu_data is
+# git-ignored; carry it), then DATA=.gpu_data/ptb.
 # A smoke run of the script itself on a CPU (small model, skipped GPU tests; about 4 minutes):
 #   EXTRA="--set model.hidden_size=32 --set model.embedding_size=32 --set train.device=cpu" \
 #   BENCH="--device cpu --steps 3 --hidden 32" LIMIT=200 bash scripts/gpu_session.sh
