@@ -357,3 +357,20 @@ def test_wordlm_eval_refuses_to_record_the_adaptive_softmax(small_corpus, tmp_pa
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "run"), "--device", "cpu", "--cuda-graphs"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.startswith("error: --cuda-graphs cannot record the adaptive softmax"), result.output
+
+
+def test_recorded_validation_evaluates_the_nt_asgd_average(small_corpus, tmp_path, monkeypatch):
+    # With NT-ASGD averaging, validation reads the running average, not the trained weights: the recorded
+    # windows must be the average's (a recording of the wrong module would read like the raw iterate).
+    def run(out, graphs):
+        cfg = tiny_config(small_corpus, device="auto", optimizer="ntasgd", average_from_start=True, eval_every=3,
+                          max_steps=24, epochs=0, schedule="constant", cuda_graphs=graphs)
+        train(cfg, out)
+        return [r["valid_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if r["event"] == "valid"]
+
+    eager = run(tmp_path / "eager", False)
+    monkeypatch.setattr(train_module._Loop, "graph_backend", RecordOnCPU)
+    graphed = run(tmp_path / "graphed", True)
+    assert RecordOnCPU.made[-1].validation_captures >= 1 and len(eager) == 8
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
