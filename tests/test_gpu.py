@@ -213,6 +213,6 @@ def test_dynamic_evaluation_runs_on_the_gpu(demo_run):
     static = total_nll(lm.model, streams, 5)
     before = [p.detach().clone() for p in lm.model.parameters()]
     assert dynamic_total_nll(lm.model, streams, 5, lr=0.0, decay=0.0, ms=ms) == static
-    adapted, n = dynamic_total_nll(lm.model, streams, 5, lr=1e-3, decay=0.0, ms=ms)
-    assert n == static[1] and adapted != static[0] and adapted == pytest.approx(static[0], rel=0.5)
+    adapted, n = dynamic_total_nll(lm.model, streams, 5, lr=1e-5, decay=1e-3, ms=ms)
+    assert n == static[1] and adapted != static[0] and adapted == pytest.approx(static[0], rel=0.2)
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
