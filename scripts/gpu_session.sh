@@ -16,8 +16,8 @@
 #           before validation was recorded, docs/RESULTS.md); not in the default parts (about 3 minutes; after
 #           the AWD call, if time is left, as its own call: GRAPHS=true PARTS=fast LIMIT=200)
 #   sweep:  ptb-medium-gpu.toml variants (SWEEP="set set;set ..."; default: dropout 0.5/0.55/0.6, lr 40, batch
-#           96 and 48) in 58 s budgets validated every 5 epochs, no test pass: which reaches valid 79.4 before
-#           60 s; as many as fit in LIMIT (about 70 s each);
+#           96 and 48, weight drop 0.2) in 58 s budgets validated every 5 epochs, no test pass: which reaches
+#           valid 79.4 before 60 s; as many as fit in LIMIT (about 70 s each);
 #   awd:    configs/ptb-awd-gpu.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT), not in the default
 #           parts: it fills a call.
 # Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
@@ -125,7 +125,7 @@ fi
 if part sweep; then  # ptb-medium-gpu variants in 58 s budgets, validation only: which reaches 79.4 soonest
     IFS=';' read -ra variants <<< "${SWEEP:-model.dropout=0.55;model.dropout=0.5;model.dropout=0.6;\
 model.dropout=0.55 train.lr=40;model.dropout=0.55 train.batch_size=96 train.lr=40 train.eval_every=1380;\
-model.dropout=0.55 train.batch_size=48 train.eval_every=2765}"
+model.dropout=0.55 train.batch_size=48 train.eval_every=2765;model.dropout=0.5 model.weight_drop=0.2}"
     i=0
     for v in "${variants[@]}"; do
         i=$(( i + 1 ))
