@@ -189,8 +189,8 @@ def eval_(
     dyn_seq_len: Annotated[int, typer.Option(min=1, help="dynamic: tokens per update")] = 5,
     device: Annotated[str, typer.Option(help="auto (the GPU when one is visible), cpu, cuda or cuda:N")] = "auto",
     cuda_graphs: Annotated[bool, typer.Option(help="CUDA only: record the forward pass over a window once per "
-                                              "window length and replay it (the same figures, faster at small "
-                                              "--batch-size)")] = False,
+                                              "window length and replay it (the same figures, one launch per "
+                                              "window)")] = False,
 ) -> None:
     """Loss (nats/token), perplexity and bits per token, the LSTM state carried through the whole text."""
     from .api import LanguageModel
