@@ -236,3 +236,31 @@ def test_a_valid_record_says_when_its_result_was_known_and_how_long_the_pass_too
     r = CliRunner().invoke(app, ["info", str(out), "--json"])
     assert json.loads(r.output.splitlines()[-1])["valid_s_total"] == pytest.approx(
         sum(v["valid_s"] for _, v in pairs), abs=1e-3)
+
+
+@pytest.mark.parametrize("slow_part, knobs", [("total_nll", {"eval_every": 4}),
+                                               ("save_checkpoint", {"eval_every": 100, "save_every": 4})])
+def test_train_tokens_per_second_leave_out_validation_and_checkpoints(small_corpus, tmp_path, monkeypatch,
+                                                                      slow_part, knobs):
+    # tokens_per_s is training throughput: an interval with a validation pass or a checkpoint in it (made to take
+    # 0.5 s here) must not read lower than its steps ran. The steps of this model take milliseconds.
+    import time
+
+    import wordlm.train as train_module
+
+    slow = getattr(train_module, slow_part)
+
+    def slowed(*args, **kwargs):
+        time.sleep(0.5)
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, slow_part, slowed)
+    out = tmp_path / "run"
+    train(tiny_config(small_corpus, epochs=0, max_steps=12, log_every=4, **knobs), out)
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r["event"] == "train"]
+    assert [r["step"] for r in train_recs] == [4, 8, 12]
+    for before, after in zip(train_recs, train_recs[1:], strict=False):  # each interval holds one pause
+        seconds = (after["tokens"] - before["tokens"]) / after["tokens_per_s"]
+        assert seconds < 0.25, (before["step"], after["step"], seconds)
+        assert after["elapsed_s"] - before["elapsed_s"] >= 0.5  # the run's clock still counts the pause

@@ -612,6 +612,7 @@ class _Loop:
         self.nonfinite_run = 0
         self.steps_since_record = self.skipped_since_record = 0
         t_log, tokens_log = time.perf_counter(), self.tokens
+        self.paused_s = 0.0  # validation and checkpoint time since the last train record: not training throughput
         self._t_mark = time.perf_counter()
         stop_reason = "finished"
         if self.row == 0:
@@ -660,7 +661,7 @@ class _Loop:
                     if good:
                         now = time.perf_counter()
                         train_loss = self.dist.mean(self.run_loss).item() / good
-                        tok_s = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
+                        tok_s = (self.tokens - tokens_log) / max(now - t_log - self.paused_s, 1e-9)
                         self._tick()
                         self.metrics.write({"event": "train", "step": self.step, "epoch": self._epoch_float(),
                                             "tokens": self.tokens, "loss": train_loss, "ppl": _ppl(train_loss),
@@ -670,7 +671,7 @@ class _Loop:
                                         tok_s=f"{tok_s:,.0f}")
                         self.run_loss.zero_()
                         self.steps_since_record = self.skipped_since_record = 0
-                        t_log, tokens_log = now, self.tokens
+                        t_log, tokens_log, self.paused_s = now, self.tokens, 0.0
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     if self._validate_then_stop():
                         stop_reason = "early stop: validation stopped improving"
@@ -678,7 +679,9 @@ class _Loop:
                 elif tc.save_every and self.step % tc.save_every == 0:
                     self._read_nonfinite()
                     if self.nonfinite_run == 0:  # never save in the middle of a streak of skipped steps
+                        paused = time.perf_counter()
                         self._save("last")
+                        self.paused_s += time.perf_counter() - paused
                 stopping = self.stop.signum is not None
                 if self.dist.world > 1 and self.step % tc.log_every == 0:
                     stopping = self.dist.any(stopping)  # all ranks stop at the same step
@@ -841,8 +844,10 @@ class _Loop:
     def _validate_then_stop(self) -> bool:
         """Validate (and checkpoint); True when patience says training should stop."""
         self._tick()
-        self._read_nonfinite()
+        self._read_nonfinite()  # a host sync: the steps before it are done, so what follows is validation's time
+        paused = time.perf_counter()
         self.validate()
+        self.paused_s += time.perf_counter() - paused
         return bool(self.tc.patience) and self.bad_evals >= self.tc.patience
 
 
