@@ -91,6 +91,38 @@ def awd_like_config(corpus, **train):
     return cfg
 
 
+MASKS = ["dropout", "dropout_embedding", "dropout_input", "dropout_hidden", "dropout_output", "weight_drop"]
+
+
+def replayed_training_losses(backend, knob: str, device: str, p: float = 0.3, replays: int = 4) -> list[float]:
+    """The AWD model's shape (16 -> 32 -> 32 -> 16, tied) with one regulariser (`knob`, probability p) on: its forward
+    pass in training mode, recorded once by `backend` (wordlm.graphs.CudaGraphs or a stand-in) and replayed on
+    one fixed batch with fixed weights. Each replay's loss: they differ only if the masks are drawn anew."""
+    from wordlm.config import ModelConfig
+    from wordlm.model import LSTMLanguageModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(embedding_size=16, hidden_size=32, num_layers=3, last_hidden_size=16, tie_weights=True,
+                      dropout=0.0)
+    setattr(cfg, knob, p)
+    model = LSTMLanguageModel(50, cfg).to(device).train()
+    x, y = torch.randint(0, 50, (2, 8, 4), device=device)
+    loss = torch.zeros((), device=device)
+
+    def forward():
+        with torch.no_grad():
+            loss.copy_(model(x, targets=y, mean=True)[0])
+
+    with backend.eager():
+        forward()
+    replay = backend.capture(forward)
+    seen = []
+    for _ in range(replays):
+        replay()
+        seen.append(loss.item())
+    return seen
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
     """The demo config trained on the shipped corpus (a few seconds), shared by the tests that use a model."""

@@ -8,7 +8,7 @@ import torch
 from wordlm.config import ModelConfig
 from wordlm.model import LSTMLanguageModel
 
-from conftest import awd_like_config, tiny_config
+from conftest import MASKS, awd_like_config, replayed_training_losses, tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -134,6 +134,17 @@ def test_cuda_graphs_record_the_awd_recipe(small_corpus, tmp_path):
 
     cfg = awd_like_config(small_corpus, device="cuda", precision="bf16", cuda_graphs=True)
     assert train(cfg, tmp_path / "run").best_valid_ppl < 18
+
+
+@pytest.mark.parametrize("knob", MASKS)
+def test_cuda_graphs_replays_draw_fresh_dropout_masks(knob):
+    # A recorded step must regularise like eager steps: every mask (nn.Dropout, whole-word embedding dropout,
+    # the locked dropouts, weight drop) drawn anew at each replay from the graph-safe CUDA generator. A mask
+    # baked into the recording would train a model that overfits, and still learns (the tests above).
+    from wordlm.graphs import CudaGraphs
+
+    losses = replayed_training_losses(CudaGraphs(), knob, "cuda")
+    assert len(set(losses)) == len(losses), losses
 
 
 def test_checkpoint_host_copies_are_pinned_complete_and_keep_ties():
