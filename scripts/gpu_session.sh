@@ -19,7 +19,8 @@
 #           96 and 48, weight drop 0.2) in 58 s budgets validated every 5 epochs, no test pass: which reaches
 #           valid 79.4 before 60 s; as many as fit in LIMIT (about 70 s each);
 #   awd:    configs/ptb-awd-gpu.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT), not in the default
-#           parts: it fills a call.
+#           parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe (the shipped one, batch 80 with
+#           a cosine schedule, overfit on an H100: test 68.34, docs/RESULTS.md).
 # Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
 #         PARTS="paper" LIMIT=400 ...  runs only the parts named (default: tests bench medium paper)
 #         PARTS="tests awd" LIMIT=590 ...  the AWD attempt, a call of its own (with cuda_graphs if its tests pass)
@@ -140,6 +141,6 @@ if part awd; then  # the config's 540 s budget, or what is left of LIMIT
     left=$(( LIMIT - ($(date +%s) - T0) - 40 ))
     [ "$left" -lt 540 ] || left=540
     run_and_test awd-gpu $(( left + 30 )) configs/ptb-awd-gpu.toml --set "train.time_budget_s=$left" \
-        --set "train.cuda_graphs=$GRAPHS"
+        --set "train.cuda_graphs=$GRAPHS" ${AWD_SETS:-}
 fi
 say "done"
