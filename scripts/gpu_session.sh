@@ -20,7 +20,8 @@
 #           valid 79.4 before 60 s; as many as fit in LIMIT (about 70 s each);
 #   awd:    configs/ptb-awd-gpu.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT), not in the default
 #           parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe (the shipped one, batch 80 with
-#           a cosine schedule, overfit on an H100: test 68.34, docs/RESULTS.md).
+#           a cosine schedule, overfit on an H100: test 68.34, docs/RESULTS.md); AWD_CONFIG=configs/ptb-awd.toml
+#           runs the paper's recipe instead (batch 20, fp32, constant lr, NT-ASGD), stopped by the same budget.
 # Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
 #         PARTS="paper" LIMIT=400 ...  runs only the parts named (default: tests bench medium paper)
 #         PARTS="tests awd" LIMIT=590 ...  the AWD attempt, a call of its own (with cuda_graphs if its tests pass)
@@ -140,7 +141,7 @@ fi
 if part awd; then  # the config's 540 s budget, or what is left of LIMIT
     left=$(( LIMIT - ($(date +%s) - T0) - 40 ))
     [ "$left" -lt 540 ] || left=540
-    run_and_test awd-gpu $(( left + 30 )) configs/ptb-awd-gpu.toml --set "train.time_budget_s=$left" \
-        --set "train.cuda_graphs=$GRAPHS" ${AWD_SETS:-}
+    run_and_test awd-gpu $(( left + 30 )) "${AWD_CONFIG:-configs/ptb-awd-gpu.toml}" \
+        --set "train.time_budget_s=$left" --set "train.cuda_graphs=$GRAPHS" ${AWD_SETS:-}
 fi
 say "done"
