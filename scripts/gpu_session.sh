@@ -25,6 +25,9 @@
 # Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
 #         PARTS="paper" LIMIT=400 ...  runs only the parts named (default: tests bench medium paper)
 #         PARTS="tests awd" LIMIT=590 ...  the AWD attempt, a call of its own (with cuda_graphs if its tests pass)
+#         DYNAMIC=1 DYN_LIMIT=200 ...  after each test figure, dynamic evaluation too (wordlm eval --dynamic: its
+#         grid on the valid split, then the test pass), stopped after DYN_LIMIT s; the awd part trains that much
+#         less. Its time on a GPU is not yet known (on 2 CPU cores the medium model's took 22 minutes).
 # On a lent machine that cannot see ../shared: cp -r ../shared/data/ptb .gpu_data/ here first (.gpu_data is
 # git-ignored; carry it), then DATA=.gpu_data/ptb.
 # A smoke run of the script itself on a CPU (small model, skipped GPU tests; about 4 minutes):
@@ -41,6 +44,7 @@ DATA=$(realpath "${DATA:-../shared/data/ptb}")
 OUT=$(realpath -m "${OUT:-/tmp/gpu-out}")
 RUNS=${RUNS:-/tmp/wordlm-gpu-runs}
 LIMIT=${LIMIT:-575}   # seconds this script may take in all; the paper recipe gets what is left
+DYN_LIMIT=${DYN_LIMIT:-150}  # with DYNAMIC=1: each test pass is followed by dynamic evaluation, for at most this
 mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 WORDLM_CACHE_DIR=${WORDLM_CACHE_DIR:-/tmp/wordlm-cache}
 T0=$(date +%s)
@@ -65,6 +69,12 @@ run_and_test() {  # NAME SECONDS_LIMIT CONFIG [--set ...]: train, then test perp
         2>&1 | tail -n 1 | tee -a "$LOG"
     wordlm info "$RUNS/$name" --target-ppl 80 2>&1 | grep -e '^history' -e '^target' | tee -a "$LOG"
     wordlm info "$RUNS/$name" --target-ppl 79.4 2>&1 | grep -e '^target' | tee -a "$LOG"
+    if [ -n "${DYNAMIC:-}" ]; then  # lr and lambda by the grid on the valid split, then the test pass
+        say "dynamic evaluation $name (test, batch 1)"
+        timeout "$DYN_LIMIT" python3 -m wordlm eval "$RUNS/$name" --split test --batch-size 1 --dynamic --json \
+            2>&1 | tail -n 4 | tee -a "$LOG"
+        say "dynamic evaluation $name ended"
+    fi
 }
 
 say "machine"
@@ -139,7 +149,9 @@ model.dropout=0.55 train.batch_size=48 train.eval_every=2765;model.dropout=0.5 m
     done
 fi
 if part awd; then  # the config's 540 s budget, or what is left of LIMIT
-    left=$(( LIMIT - ($(date +%s) - T0) - 40 ))
+    dyn=0
+    [ -z "${DYNAMIC:-}" ] || dyn=$DYN_LIMIT
+    left=$(( LIMIT - ($(date +%s) - T0) - 40 - dyn ))
     [ "$left" -lt 540 ] || left=540
     run_and_test awd-gpu $(( left + 30 )) "${AWD_CONFIG:-configs/ptb-awd-gpu.toml}" \
         --set "train.time_budget_s=$left" --set "train.cuda_graphs=$GRAPHS" ${AWD_SETS:-}
