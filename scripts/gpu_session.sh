@@ -72,7 +72,7 @@ run_and_test() {  # NAME SECONDS_LIMIT CONFIG [--set ...]: train, then test perp
     if [ -n "${DYNAMIC:-}" ]; then  # lr and lambda by the grid on the valid split, then the test pass
         say "dynamic evaluation $name (test, batch 1)"
         timeout "$DYN_LIMIT" python3 -m wordlm eval "$RUNS/$name" --split test --batch-size 1 --dynamic --json \
-            2>&1 | tail -n 4 | tee -a "$LOG"
+            2>&1 | tail -n 9 | tee -a "$LOG"
         say "dynamic evaluation $name ended"
     fi
 }

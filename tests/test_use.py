@@ -242,6 +242,11 @@ def test_dynamic_evaluation_cli_chooses_by_grid(demo_run):
     out = json.loads(r.output.strip().splitlines()[-1])
     assert len(out["dynamic"]["grid"]) == 3 and out["dynamic"]["decay"] == 0
     assert out["dynamic"]["lr"] == min(out["dynamic"]["grid"], key=lambda g: g["ppl"])["lr"]
+    # a long evaluation says what it is doing: each grid point's result as it comes, then the pass it chose
+    logged = [line for line in r.stderr.splitlines() if line.startswith("dynamic: ")]
+    assert len(logged) == 1 + 3 + 1, r.stderr
+    assert all(f"ppl {g['ppl']:.2f}" in line for g, line in zip(out["dynamic"]["grid"], logged[1:4], strict=True))
+    assert logged[-1].startswith(f"dynamic: lr {out['dynamic']['lr']:g}, lambda 0 over test.txt")
 
 
 def test_evaluation_windows_change_speed_not_figures(lm):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,7 +120,10 @@ class LanguageModel:
         if ms_path is None:
             raise UsageError("dynamic evaluation needs the training text (data.train) or a validation text")
         _, ms_streams = self._streams(ms_path, batch_size)
+        started = time.perf_counter()
         ms = gradient_ms(self.model, ms_streams, seq_len, ms_windows)
+        log.info("dynamic: gradient scale from %d windows of %s (%.1fs)", ms_windows, Path(ms_path).name,
+                 time.perf_counter() - started)
         chosen = {"lr": lr, "decay": decay}
         grid = []
         if grid_on is not None and (lr is None or decay is None):
@@ -134,14 +138,19 @@ class LanguageModel:
             decays = [decay] if decay is not None else [0.0, 1e-3]
             for a in lrs:
                 for d in decays:
+                    started = time.perf_counter()
                     nll, n = dynamic_total_nll(self.model, streams, seq_len, a, d, ms)
                     grid.append({"lr": a, "decay": d, "ppl": math.exp(nll / n)})
+                    log.info("dynamic: lr %g, lambda %g: ppl %.2f on the first %d tokens of %s (%.1fs)", a, d,
+                             grid[-1]["ppl"], n, Path(grid_on).name, time.perf_counter() - started)
             best = min(grid, key=lambda g: g["ppl"])
             chosen = {"lr": best["lr"], "decay": best["decay"]}
         if chosen["lr"] is None or chosen["decay"] is None:
             raise UsageError("give --dyn-lr and --dyn-lambda, or let the grid search choose them on the "
                              "validation split")
         split, streams = self._streams(path, batch_size)
+        log.info("dynamic: lr %g, lambda %g over %s (%d updates of %d tokens)", chosen["lr"], chosen["decay"],
+                 Path(path).name, math.ceil((len(split.ids) - 1) // batch_size / seq_len), seq_len)
         nll, n = dynamic_total_nll(self.model, streams, seq_len, chosen["lr"], chosen["decay"], ms)
         out = report(nll, n, split, subword=self.tokenizer.kind != "word")
         return {**out, "total_nll": nll, "dynamic": {**chosen, "batch_size": batch_size, "seq_len": seq_len,
