@@ -265,3 +265,46 @@ def test_save_is_atomic_even_when_the_target_exists(tmp_path):
                         tokenizer=tok, info={"step": i})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
     assert load_checkpoint(tmp_path / "last").meta["step"] == 2
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["synchronous", "writer-thread"])
+def test_a_full_disk_during_a_save_stops_with_one_line_and_keeps_the_last_good_checkpoint(small_corpus, tmp_path,
+                                                                                          monkeypatch, background):
+    """The fifth checkpoint write meets a full disk the way torch.save meets one (half a file, then torch's
+    RuntimeError): the CLI says so in one line and exits 4, the half-written copy is gone, and the checkpoint
+    before it still loads. Both ways of saving: on the CPU's, and in the writer thread a GPU run uses."""
+    from typer.testing import CliRunner
+
+    import wordlm.checkpoint as ckpt_mod
+    from wordlm.cli import app
+    from wordlm.train import _Loop
+
+    monkeypatch.setattr(_Loop, "background_saves", background)
+
+    writes, write_files = {"n": 0}, ckpt_mod._write_files
+
+    def disk_fills_up(tmp, *args):
+        writes["n"] += 1
+        if writes["n"] < 5:
+            return write_files(tmp, *args)
+        tmp.mkdir()
+        (tmp / "model.pt").write_bytes(b"PK\x03\x04 half a zip")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(ckpt_mod, "_write_files", disk_fills_up)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(tiny_config(small_corpus, max_steps=40, save_every=4).to_toml())
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--config", str(cfg), "--out", str(out)])
+    assert result.exit_code == 4, result.output
+    assert "Traceback" not in result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot write the checkpoint {out}/"), result.output
+    assert "MiB free there" in errors[0] and "continue with --resume" in errors[0]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock") == []
+    last = load_checkpoint(out, prefer="last", train_state=True)
+    assert 0 < last.meta["step"] < 40
+    monkeypatch.setattr(ckpt_mod, "_write_files", write_files)  # the disk has room again: --resume finishes
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out, prefer="last").meta["step"] == 40

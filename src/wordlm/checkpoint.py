@@ -44,15 +44,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str | Path, *, model_state: dict, config: Config, tokenizer: Tokenizer,
-                    train_state: dict | None = None, info: dict | None = None) -> Path:
-    """Write a checkpoint directory atomically. `info` (step, valid_loss, ...) goes into meta.json."""
-    final = Path(path)
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = parent / f".{final.name}.tmp", parent / f".{final.name}.old"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+def _write_files(tmp: Path, model_state: dict, train_state: dict | None, config: Config, tokenizer: Tokenizer,
+                 info: dict | None) -> None:
+    """Every file of a checkpoint into `tmp`, fsynced, meta.json (with the other files' checksums) last."""
     tmp.mkdir()
     files = {"model.pt": model_state, "train_state.pt": train_state}
     for name, obj in files.items():
@@ -69,6 +63,28 @@ def save_checkpoint(path: str | Path, *, model_state: dict, config: Config, toke
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _fsync(tmp / "meta.json")
     _fsync(tmp)
+
+
+def save_checkpoint(path: str | Path, *, model_state: dict, config: Config, tokenizer: Tokenizer,
+                    train_state: dict | None = None, info: dict | None = None) -> Path:
+    """Write a checkpoint directory atomically. `info` (step, valid_loss, ...) goes into meta.json."""
+    final = Path(path)
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = parent / f".{final.name}.tmp", parent / f".{final.name}.old"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        _write_files(tmp, model_state, train_state, config, tokenizer, info)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(parent).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        kept = f"; the previous {final.name}/ is kept" if final.exists() else ""
+        raise CheckpointError(f"cannot write the checkpoint {final} ({free}: {e}){kept}; free some disk space "
+                              f"or check its permissions, then continue with --resume") from None
     # Swap in: keep the previous good copy as .old until the new one has its final name.
     if final.exists():
         if old.exists():
