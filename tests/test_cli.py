@@ -100,3 +100,19 @@ def test_config_errors_are_listed_together(tmp_path):
 def test_python_m_wordlm():
     out = subprocess.run([sys.executable, "-m", "wordlm", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "wordlm 0.1.0"
+
+
+def test_an_operating_system_error_is_one_line_and_exit_1(demo_run, monkeypatch):
+    """What wordlm cannot foresee from the file system (no permission, a full disk) still reaches the user as one
+    line naming the file, not a traceback."""
+    from wordlm.api import LanguageModel
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/some/cache/ids")
+
+    monkeypatch.setattr(LanguageModel, "evaluate", refused)
+    r = run("eval", demo_run)
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines()[-1] == ("error: /some/cache/ids: Permission denied; check the path, its "
+                                                 "permissions and the free disk space")
+    assert "Traceback" not in r.output

@@ -128,6 +128,26 @@ def test_info_reports_the_time_to_a_target_perplexity(demo_run):
     assert f"first at {first_hit['elapsed_s']:.1f} s (step {first_hit['step']}" in r.output
 
 
+def test_info_reads_a_run_whose_metrics_end_in_half_a_record(demo_run, tmp_path):
+    """`wordlm info` while training writes (or after a kill mid-write): a last line that is half a record is
+    left out quietly; a damaged line before it is left out with a warning naming it; the rest is reported."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns(".lock"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    best = min(json.loads(ln)["valid_ppl"] for ln in lines if '"valid"' in ln)
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"event": "valid", "step": 9')
+    r = CliRunner().invoke(app, ["info", str(run), "--json"])
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.output and json.loads(r.output.strip().splitlines()[-1])["best_valid_ppl"] == best
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    r = CliRunner().invoke(app, ["info", str(run), "--json"])
+    assert r.exit_code == 0, r.output
+    assert f"warning: {run / 'metrics.jsonl'} line 2 is not a JSON record; skipped" in r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["best_valid_ppl"] == best
+
+
 def test_plot_writes_a_non_blank_png(demo_run, tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.image

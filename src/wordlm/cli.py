@@ -59,7 +59,8 @@ class _EchoHandler(logging.Handler):
 
 
 def _cli(fn):
-    """Turn wordlm's own errors into `error: ...` on stderr and the error's exit code; Ctrl-C into exit 130."""
+    """Turn wordlm's own errors into `error: ...` on stderr and the error's exit code, an operating-system
+    error (a full disk, a missing permission) into one such line and exit 1; Ctrl-C into exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -77,6 +78,13 @@ def _cli(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # the reader went away (`wordlm score ... | head`): click's own quiet handling
+            raise
+        except OSError as e:  # the file system refused (a full disk, no permission): not a bug, no traceback
+            where = f"{e.filename}: " if e.filename else ""
+            typer.echo(f"error: {where}{e.strerror or e}; check the path, its permissions and the free disk "
+                       f"space", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .tokenizer import Tokenizer
 
 CACHE_VERSION = 1
@@ -108,9 +108,13 @@ def encode_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | 
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt below
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-", suffix=".ids")
+    except OSError as e:
+        raise ConfigError(f"cannot use {cache} for the token cache ({e.strerror}); set data.cache_dir or "
+                          f"WORDLM_CACHE_DIR to a folder you can write to") from None
     tokens = words = 0
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-", suffix=".ids")
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(np.array([tokenizer.eos_id], dtype=dtype).tobytes())

@@ -4,6 +4,8 @@ Every error a user can cause is a `WordLMError`; the CLI turns it into one line 
 code (never a traceback). Anything else escaping is a bug in wordlm.
 """
 
+from pathlib import Path
+
 
 class WordLMError(Exception):
     """Base class: a problem the user can fix. `exit_code` is what the CLI exits with."""
@@ -55,3 +57,13 @@ class UsageError(WordLMError):
     """A bad argument to a command (empty prompt, top-p out of range, ...)."""
 
     exit_code = 2
+
+
+def check_out_file(out: Path, example: str) -> None:
+    """A command is about to write the file `out`: refuse a directory, or a folder that is not there, before
+    any slow work."""
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name such as {example}")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist; create it first or write "
+                         f"elsewhere")

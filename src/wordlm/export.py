@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import UsageError
+from .errors import UsageError, check_out_file
 
 
 class NextTokenStep(nn.Module):
@@ -40,8 +40,7 @@ class NextTokenStep(nn.Module):
 def export_model(lm, out: str | Path) -> Path:
     """Write `lm` (a wordlm.api.LanguageModel) to `out` as a torch.export program with its tokenizer."""
     out = Path(out)
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a directory; give a file name such as model.pt2")
+    check_out_file(out, "model.pt2")
     cfg = lm.config.model
     model = lm.model.float().cpu().eval()
     step = NextTokenStep(model).eval()
@@ -58,7 +57,14 @@ def export_model(lm, out: str | Path) -> Path:
             "inputs": "ids (1, B) int64, h (num_layers, B, h_size), c (num_layers, B, c_size)",
             "outputs": "log-probabilities (B, vocab_size), h, c"}
     tmp = out.with_name(f".tmp-{out.name}")  # torch.export wants the .pt2 ending; renamed when complete
-    torch.export.save(program, tmp, extra_files={"tokenizer.json": json.dumps(lm.tokenizer.to_state()),
-                                                 "wordlm.json": json.dumps(meta)})
-    tmp.replace(out)
+    try:
+        torch.export.save(program, tmp, extra_files={"tokenizer.json": json.dumps(lm.tokenizer.to_state()),
+                                                     "wordlm.json": json.dumps(meta)})
+        tmp.replace(out)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        # torch's file writer reports I/O failures (no permission, a full disk) as RuntimeError
+        if isinstance(e, RuntimeError) and not any(w in str(e).lower() for w in ("file", "directory", "write")):
+            raise
+        raise UsageError(f"--out {out}: cannot write the file ({e}); write it elsewhere") from None
     return out

@@ -4,16 +4,34 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, check_out_file
+
+log = logging.getLogger("wordlm")
 
 
 def read_metrics(run: Path) -> list[dict]:
+    """The records of RUN/metrics.jsonl. A line that is not a whole JSON record is skipped: the last line may
+    be one that training is writing right now, or one a killed run left half-written (a warning says so when
+    such a line is not the last)."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise UsageError(f"{path} does not exist; give a run directory that `wordlm train` wrote")
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if ln.strip()]
+    records = []
+    for i, ln in lines:
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        elif i != lines[-1][0]:
+            log.warning("warning: %s line %d is not a JSON record; skipped", path, i)
+    return records
 
 
 def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
@@ -45,6 +63,10 @@ def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
 
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     """Loss against tokens seen and perplexity against wall time, train and validation, in one PNG."""
+    run = Path(run)
+    recs = read_metrics(run)
+    out = Path(out) if out else run / "curves.png"
+    check_out_file(out, "curves.png")
     try:
         import matplotlib
 
@@ -53,13 +75,10 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     except ImportError:
         raise UsageError("wordlm plot needs matplotlib: pip install 'wordlm[plot]' (or pip install matplotlib)") \
             from None
-    run = Path(run)
-    recs = read_metrics(run)
     tr = [r for r in recs if r.get("event") == "train"]
     va = [r for r in recs if r.get("event") == "valid"]
     if not tr and not va:
         raise UsageError(f"{run / 'metrics.jsonl'} has no train or valid records yet")
-    out = Path(out) if out else run / "curves.png"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     if tr:
         ax1.plot([r["tokens"] for r in tr], [r["loss"] for r in tr], label="train", lw=1.2)

@@ -308,7 +308,11 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the run directory ({e.strerror}); choose another "
+                          f"--out") from None
     finished = False
     try:
         with RunLock(out) if dist.main else contextlib.nullcontext(), _StopFlag() as stop:
