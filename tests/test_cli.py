@@ -116,3 +116,42 @@ def test_an_operating_system_error_is_one_line_and_exit_1(demo_run, monkeypatch)
     assert r.output.strip().splitlines()[-1] == ("error: /some/cache/ids: Permission denied; check the path, its "
                                                  "permissions and the free disk space")
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("raised, shown", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 56800000000 bytes. Error code 12 (Cannot allocate memory)"), "52.9 GiB"),
+    ("torch.OutOfMemoryError", "2.00 GiB"),
+], ids=["cpu", "cuda"])
+def test_out_of_memory_is_one_line_that_says_what_to_shrink(demo_run, monkeypatch, raised, shown):
+    import torch
+
+    from wordlm.api import LanguageModel
+
+    if raised == "torch.OutOfMemoryError":
+        raised = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                        "of 79.19 GiB of which 1.06 GiB is free.")
+
+    def too_big(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(LanguageModel, "evaluate", too_big)
+    r = run("eval", demo_run)
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        f"error: out of memory (tried to allocate {shown}); use a smaller model (model.hidden_size, "
+        f"model.num_layers), batch (train.batch_size, --batch-size) or window (train.seq_len)")
+    assert "Traceback" not in r.output
+
+
+def test_a_bug_still_shows_its_traceback(demo_run, monkeypatch):
+    """Only what the machine refuses is turned into one line: any other error is a bug in wordlm and must stay
+    visible as one."""
+    from wordlm.api import LanguageModel
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch in a wordlm bug")
+
+    monkeypatch.setattr(LanguageModel, "evaluate", bug)
+    r = run("eval", demo_run)
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError) and "error:" not in r.output

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -59,8 +60,8 @@ class _EchoHandler(logging.Handler):
 
 
 def _cli(fn):
-    """Turn wordlm's own errors into `error: ...` on stderr and the error's exit code, an operating-system
-    error (a full disk, a missing permission) into one such line and exit 1; Ctrl-C into exit 130."""
+    """Turn wordlm's own errors into `error: ...` on stderr and the error's exit code; what the machine refuses
+    (a full disk, a missing permission, memory) into one such line and exit 1; Ctrl-C into exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -80,6 +81,13 @@ def _cli(fn):
             raise typer.Exit(130) from None
         except BrokenPipeError:  # the reader went away (`wordlm score ... | head`): click's own quiet handling
             raise
+        except RuntimeError as e:  # torch.OutOfMemoryError (a GPU) is one; the CPU allocator's is a plain one
+            if not _out_of_memory(e):
+                raise
+            typer.echo(f"error: out of memory{_allocation(e)}; use a smaller model (model.hidden_size, "
+                       f"model.num_layers), batch (train.batch_size, --batch-size) or window (train.seq_len)",
+                       err=True)
+            raise typer.Exit(1) from None
         except OSError as e:  # the file system refused (a full disk, no permission): not a bug, no traceback
             where = f"{e.filename}: " if e.filename else ""
             typer.echo(f"error: {where}{e.strerror or e}; check the path, its permissions and the free disk "
@@ -87,6 +95,20 @@ def _cli(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    text = str(e)
+    return type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
+
+
+def _allocation(e: RuntimeError) -> str:
+    """' (tried to allocate 52.9 GiB)' from the allocator's message, or ''."""
+    m = re.search(r"allocate (\d+) bytes", str(e))
+    if m:
+        return f" (tried to allocate {int(m.group(1)) / 2**30:.1f} GiB)"
+    m = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]i?B)", str(e))
+    return f" (tried to allocate {m.group(1)})" if m else ""
 
 
 @app.command()
