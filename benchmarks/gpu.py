@@ -19,6 +19,8 @@ where they should not have differed at all.
     python benchmarks/gpu.py --device cpu --steps 3 --hidden 64  # a smoke run of the script itself
     python benchmarks/gpu.py --profile 100                         # where the gap between the two goes
     python benchmarks/gpu.py --validation                          # a validation pass, eager vs recorded
+    python benchmarks/gpu.py --config configs/ptb-awd-gpu.toml --batch-sweep 20,40,80   # a config's own model:
+                                     # ms per step and epochs per budget at each batch size (about 40 s)
 """
 
 from __future__ import annotations
@@ -130,6 +132,43 @@ def wordlm_loop(config: Path, data: Path, hidden: int, batch: int, precision: st
     return sum(n for n, _ in intervals) / sum(n / rate for n, rate in intervals)
 
 
+def batch_sweep_rows(config: Path, data: Path, batches: list[int], steps: int, device: torch.device,
+                     overrides: list[str], tmp: Path) -> list[dict]:
+    """A config's own model and recipe (cuda_graphs and precision as the config says, on CUDA), trained for
+    `steps` timed steps at each batch size with fixed-length windows (train.variable_bptt off: one recording),
+    no validation inside the timed steps. Each row: tokens/s and ms per step of the log intervals after the
+    first (the warm-up and recording), and what the config's time budget would hold at that pace."""
+    log_every = max(1, steps // 5)
+    small_valid = tmp / "valid-head.txt"
+    with open(data / "valid.txt", encoding="utf-8") as f:
+        small_valid.write_text("".join(f.readline() for _ in range(20)))
+    rows = []
+    for batch in batches:
+        cfg = load_config(config, [
+            f"data.train={data / 'train.txt'}", f"data.valid={small_valid}", f"data.test={data / 'test.txt'}",
+            *overrides, f"train.batch_size={batch}", f"train.device={device.type}", "train.epochs=0",
+            "train.variable_bptt=false", "train.eval_every=1000000", "train.time_budget_s=0",
+            f"train.max_steps={steps + log_every}", f"train.log_every={log_every}", "train.save_every=0",
+            *([] if device.type == "cuda" else ["train.cuda_graphs=false"])])
+        budget = load_config(config, [*overrides, "train.cuda_graphs=false"]).train.time_budget_s
+        out = tmp / f"sweep-{batch}"
+        train(cfg, out, overwrite=True)
+        recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        tr = [r for r in recs if r["event"] == "train"]
+        intervals = [(b["tokens"] - a["tokens"], b["tokens_per_s"]) for a, b in zip(tr, tr[1:], strict=False)]
+        tok_s = sum(n for n, _ in intervals) / sum(n / rate for n, rate in intervals)
+        tokens_per_step = batch * cfg.train.seq_len
+        train_tokens = tr[-1]["tokens"] / tr[-1]["epoch"]
+        row = {"batch": batch, "tokens_per_s": tok_s, "ms_per_step": tokens_per_step / tok_s * 1000,
+               "cuda_graphs": cfg.train.cuda_graphs, "precision": cfg.train.precision, "budget_s": budget}
+        if budget:
+            row["steps_in_budget"] = budget * tok_s / tokens_per_step
+            row["epochs_in_budget"] = budget * tok_s / train_tokens
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def use_rows(config: Path, data: Path, hidden: int, device: torch.device) -> dict:
     """Evaluation tokens/s (valid, batch 10) and one-stream next-token latency of the untrained 2x650 model."""
     from wordlm.generate import continue_ids
@@ -236,10 +275,30 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="instead of the table: profile N steps of the raw step and of wordlm's loop at batch 20 "
                          "and print where the time goes (the per-step gap between the two)")
+    ap.add_argument("--batch-sweep", metavar="B,B,...",
+                    help="instead of the table: --config's own model at these batch sizes (ms per step, epochs in "
+                         "the config's time budget)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --batch-sweep: a config override (a smoke run: --set model.hidden_size=32 ...)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.profile:
         return profile(args, device)
+    if args.batch_sweep:
+        name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+        batches = [int(b) for b in args.batch_sweep.split(",")]
+        print(f"# device: {name}; torch {torch.__version__}; {args.config.name} {' '.join(args.set)}; "
+              f"{args.steps} timed steps per batch size, fixed windows\n")
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = batch_sweep_rows(args.config, args.data, batches, args.steps, device, args.set, Path(tmp))
+        print("\n| batch | tokens/s | ms per step | steps in the budget | epochs in the budget |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['batch']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | "
+                  f"{r.get('steps_in_budget', 0):,.0f} | {r.get('epochs_in_budget', 0):.1f} |")
+        print(f"\n(budget: train.time_budget_s = {rows[0]['budget_s']:g} s, validation and recordings not counted; "
+              f"cuda_graphs {rows[0]['cuda_graphs']}, {rows[0]['precision']})")
+        return
     if args.validation:
         name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
         print(f"# device: {name}; torch {torch.__version__}; validation, {args.hidden}x2, "

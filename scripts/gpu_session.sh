@@ -18,6 +18,9 @@
 #   sweep:  ptb-medium-gpu.toml variants (SWEEP="set set;set ..."; default: dropout 0.5/0.55/0.6, lr 40, batch
 #           96 and 48, weight drop 0.2) in 58 s budgets validated every 5 epochs, no test pass: which reaches
 #           valid 79.4 before 60 s; as many as fit in LIMIT (about 70 s each);
+#   awdbatch: the AWD model's step time at batch 20, 40 and 80 (AWD_BATCHES), with the recipe's graphs and
+#           precision (benchmarks/gpu.py --batch-sweep, about 40 s): the 494 s run at batch 80 got 31,936 steps
+#           and overfit after 132 epochs; a smaller batch buys more steps per epoch if a step gets cheaper;
 #   awd:    configs/ptb-awd-gpu.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT), not in the default
 #           parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe (the shipped one, batch 80 with
 #           a cosine schedule, overfit on an H100: test 68.34, docs/RESULTS.md); AWD_CONFIG=configs/ptb-awd.toml
@@ -147,6 +150,12 @@ model.dropout=0.55 train.batch_size=48 train.eval_every=2765;model.dropout=0.5 m
         NO_TEST=1 run_and_test "sweep$i" 85 configs/ptb-medium-gpu.toml --set train.time_budget_s=58 \
             --set train.eval_every=2075 --set "train.cuda_graphs=$GRAPHS" "${sets[@]}"
     done
+fi
+if part awdbatch; then  # the AWD model's ms per step at batch 20/40/80: how many steps each buys in the budget
+    say "the AWD model's step time by batch size (benchmarks/gpu.py --batch-sweep)"
+    timeout 150 python3 benchmarks/gpu.py --data "$DATA" --config "${AWD_CONFIG:-configs/ptb-awd-gpu.toml}" \
+        --batch-sweep "${AWD_BATCHES:-20,40,80}" --steps 120 --set "train.cuda_graphs=$GRAPHS" ${BENCH_SETS:-} 2>&1 \
+        | grep -e '^|' -e '^#' -e '^(' | tee -a "$LOG"
 fi
 if part awd; then  # the config's 540 s budget, or what is left of LIMIT
     dyn=0
