@@ -25,6 +25,9 @@
 #           parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe (the shipped one, batch 80 with
 #           a cosine schedule, overfit on an H100: test 68.34, docs/RESULTS.md); AWD_CONFIG=configs/ptb-awd.toml
 #           runs the paper's recipe instead (batch 20, fp32, constant lr, NT-ASGD), stopped by the same budget.
+#   wt2:    configs/wt2-medium.toml on WikiText-2 (DATA_WT2, default ../shared/data/wikitext-2; on a lent
+#           machine cp -r ../shared/data/wikitext-2 .gpu_data/ and DATA_WT2=.gpu_data/wikitext-2), the paper's
+#           recipe with train.cuda_graphs, stopped by what is left of LIMIT (not in the default parts);
 # Usage:  DATA=../shared/data/ptb OUT=/tmp/gpu-out bash scripts/gpu_session.sh
 #         PARTS="paper" LIMIT=400 ...  runs only the parts named (default: tests bench medium paper)
 #         PARTS="tests awd" LIMIT=590 ...  the AWD attempt, a call of its own (with cuda_graphs if its tests pass)
@@ -164,5 +167,16 @@ if part awd; then  # the config's 540 s budget, or what is left of LIMIT
     [ "$left" -lt 540 ] || left=540
     run_and_test awd-gpu $(( left + 30 )) "${AWD_CONFIG:-configs/ptb-awd-gpu.toml}" \
         --set "train.time_budget_s=$left" --set "train.cuda_graphs=$GRAPHS" ${AWD_SETS:-}
+fi
+if part wt2; then  # configs/wt2-medium.toml on WikiText-2 (DATA_WT2) for what is left of LIMIT: the WT2 GPU row
+    WT2=$(realpath "${DATA_WT2:-../shared/data/wikitext-2}")
+    splits=(--set "data.train=$WT2/train.txt" --set "data.valid=$WT2/valid.txt" --set "data.test=$WT2/test.txt")
+    left=$(( LIMIT - ($(date +%s) - T0) - 60 ))  # its test pass at batch 1 reads 245k tokens
+    if [ "$left" -gt 60 ]; then
+        run_and_test wt2-medium $(( left + 15 )) configs/wt2-medium.toml --set "train.time_budget_s=$left" \
+            --set "train.cuda_graphs=$GRAPHS"
+    else
+        say "no time left for configs/wt2-medium.toml ($left s)"
+    fi
 fi
 say "done"
