@@ -70,8 +70,9 @@ run_and_test() {  # NAME SECONDS_LIMIT CONFIG [--set ...]: train, then test perp
         wordlm info "$RUNS/$name" --target-ppl 79.4 2>&1 | grep -e '^history' -e '^target' | tee -a "$LOG"
         return
     fi
-    say "test $name (batch 1)"
-    wordlm eval "$RUNS/$name" --split test --batch-size 1 --json $([ "$GRAPHS" = true ] && echo --cuda-graphs) \
+    say "test $name (batch 1, fp32 as the papers report it)"
+    wordlm eval "$RUNS/$name" --split test --batch-size 1 --precision fp32 --json \
+        $([ "$GRAPHS" = true ] && echo --cuda-graphs) \
         2>&1 | tail -n 1 | tee -a "$LOG"
     wordlm info "$RUNS/$name" --target-ppl 80 2>&1 | grep -e '^history' -e '^target' | tee -a "$LOG"
     wordlm info "$RUNS/$name" --target-ppl 79.4 2>&1 | grep -e '^target' | tee -a "$LOG"

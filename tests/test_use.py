@@ -283,3 +283,18 @@ def test_evaluation_windows_change_speed_not_figures(lm):
         short = lm.evaluate(text, batch_size=streams, seq_len=lm.config.train.seq_len)
         assert default["tokens"] == short["tokens"]
         assert default["total_nll"] == pytest.approx(short["total_nll"], rel=1e-9)
+
+
+def test_eval_precision_defaults_to_the_runs_and_can_be_chosen(demo_run, lm):
+    """`wordlm eval --precision`: the run's train.precision unless told (the demo trains in fp32); bf16 autocast
+    reads close to fp32 but not bit for bit, so the figure says which it is."""
+    text = ROOT / "data" / "tiny" / "valid.txt"
+    fp32, bf16 = lm.evaluate(text, precision="fp32"), lm.evaluate(text, precision="bf16")
+    assert lm.config.train.precision == "fp32" and lm.evaluate(text) == fp32
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert bf16["total_nll"] != fp32["total_nll"] and bf16["ppl"] == pytest.approx(fp32["ppl"], rel=0.01)
+    r = CliRunner().invoke(app, ["eval", str(demo_run), "--precision", "bf16", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["total_nll"] == pytest.approx(bf16["total_nll"], rel=1e-12)
+    r = CliRunner().invoke(app, ["eval", str(demo_run), "--precision", "bf16", "--dynamic"])
+    assert r.exit_code == 2 and "dynamic evaluation runs in fp32" in r.output

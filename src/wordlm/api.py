@@ -75,13 +75,17 @@ class LanguageModel:
         return split, Streams(split.ids, batch_size, self.device)
 
     def evaluate(self, path: str | Path, batch_size: int = 10, seq_len: int | None = None,
-                 cuda_graphs: bool = False) -> dict:
+                 cuda_graphs: bool = False, precision: str | None = None) -> dict:
         """Loss, perplexity, bits per token on a text file, the state carried through the whole text, read in
         windows of `seq_len` tokens per stream (default: evaluate.eval_window's choice; the figures do not
         depend on it). With `cuda_graphs` (a CUDA device only) the forward pass over a window is recorded once per
         window length and replayed along the text: the same figures, without launching each operation of each
-        window from Python."""
+        window from Python. `precision`: fp32 or bf16 (autocast); by default the run's train.precision."""
         from .graphs import CudaGraphs, NotRecordable, RecordedEvaluation
+
+        precision = precision or self.config.train.precision
+        if precision not in ("fp32", "bf16"):
+            raise UsageError(f"precision must be fp32 or bf16, got {precision!r}")
 
         if cuda_graphs and self.config.model.decoder == "adaptive":
             raise UsageError("--cuda-graphs cannot record the adaptive softmax (its shapes depend on the targets): "
@@ -94,15 +98,14 @@ class LanguageModel:
             seq_len = eval_window(batch_size, self.tokenizer.vocab_size, self.config.train.seq_len)
         if cuda_graphs:
             try:
-                nll, n = RecordedEvaluation(CudaGraphs()).total_nll(self.model, streams, seq_len,
-                                                                    self.config.train.precision)
+                nll, n = RecordedEvaluation(CudaGraphs()).total_nll(self.model, streams, seq_len, precision)
             except NotRecordable as e:
                 raise UsageError(f"--cuda-graphs: the forward pass could not be recorded as a CUDA graph ({e}); "
                                  f"drop --cuda-graphs") from None
         else:
-            nll, n = total_nll(self.model, streams, seq_len, self.config.train.precision)
+            nll, n = total_nll(self.model, streams, seq_len, precision)
         out = report(nll, n, split, subword=self.tokenizer.kind != "word")
-        out["total_nll"] = nll
+        out["total_nll"], out["precision"] = nll, precision
         return out
 
     def evaluate_dynamic(self, path: str | Path, lr: float | None = None, decay: float | None = None,

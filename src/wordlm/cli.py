@@ -201,6 +201,11 @@ class Split(StrEnum):
     test = "test"
 
 
+class Precision(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 @app.command("eval")
 @_cli
 def eval_(
@@ -221,6 +226,8 @@ def eval_(
     cuda_graphs: Annotated[bool, typer.Option(help="CUDA only: record the forward pass over a window once per "
                                               "window length and replay it (the same figures, one launch per "
                                               "window)")] = False,
+    precision: Annotated[Precision | None, typer.Option(help="fp32, or bf16 autocast (default: the run's "
+                                                        "train.precision; papers report fp32)")] = None,
 ) -> None:
     """Loss (nats/token), perplexity and bits per token, the LSTM state carried through the whole text."""
     from .api import LanguageModel
@@ -229,6 +236,8 @@ def eval_(
 
     if cuda_graphs and dynamic:
         raise UsageError("--cuda-graphs records the static forward pass only: drop it with --dynamic")
+    if precision == Precision.bf16 and dynamic:
+        raise UsageError("dynamic evaluation runs in fp32: drop --precision bf16 with --dynamic")
     lm = LanguageModel.load(run, device=resolve_device(device, knob="--device", fix="--device cpu"))
     path = data if data is not None else getattr(lm.config.data, split.value)
     if not path:
@@ -238,7 +247,8 @@ def eval_(
         r = lm.evaluate_dynamic(path, dyn_lr, dyn_lambda, batch_size=batch_size, seq_len=dyn_seq_len,
                                 grid_on=grid_on)
     else:
-        r = lm.evaluate(path, batch_size=batch_size, cuda_graphs=cuda_graphs)
+        r = lm.evaluate(path, batch_size=batch_size, cuda_graphs=cuda_graphs,
+                        precision=precision.value if precision else None)
     r = {"checkpoint": str(lm.path), "data": str(path), **r}
     if json_:
         typer.echo(json.dumps(r))
