@@ -20,7 +20,7 @@ from wordlm.train import RunLock, train
 
 from conftest import tiny_config
 
-TIMING = ("tokens_per_s", "elapsed_s")
+TIMING = ("tokens_per_s", "elapsed_s", "peak_mem_mb")  # measured, not replayed by a resume
 
 
 def train_records(run: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from wordlm.train import Schedule, train
 
 from conftest import tiny_config, train_until_sigint, write_lines
 
-TIMING = ("tokens_per_s", "elapsed_s")
+TIMING = ("tokens_per_s", "elapsed_s", "peak_mem_mb")  # measured, not replayed by a resume
 
 
 def records(run, event="train"):
@@ -45,6 +45,9 @@ def test_run_directory_contents(small_corpus, tmp_path):
         assert key in train_rec
     last_line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-2])
     assert last_line["tokens_per_s"] > 0 and last_line["elapsed_s"] > 0
+    # the process's peak resident set on the CPU: torch alone holds well over 50 MiB; a peak never falls
+    mems = [json.loads(ln)["peak_mem_mb"] for ln in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in ln]
+    assert mems[0] > 50 and mems == sorted(mems) and result.peak_mem_mb >= mems[-1]
     assert result.best_valid_loss == min(r["valid_loss"] for r in valid)
     assert load_checkpoint(run).meta["valid_loss"] == pytest.approx(result.best_valid_loss)
 

@@ -146,7 +146,7 @@ def train(
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
         return
     typer.echo(f"{result.stop_reason}: {result.steps} steps, {result.epochs_done:g} epochs, "
-               f"{result.tokens:,} tokens in {result.elapsed_s:.1f}s")
+               f"{result.tokens:,} tokens in {result.elapsed_s:.1f}s; peak memory {result.peak_mem_mb:,.0f} MiB")
     typer.echo(f"best validation: loss {result.best_valid_loss:.4f}, ppl {result.best_valid_ppl:.2f}")
     typer.echo(f"checkpoints: {out / 'best'}  {out / 'last'}")
 

@@ -98,6 +98,20 @@ class TrainResult:
     stop_reason: str
     num_parameters: int
     model: torch.nn.Module = field(repr=False, default=None)  # the trained model, as it is after the last step
+    peak_mem_mb: float = 0.0  # see peak_memory_mb
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory this process has held, in MiB: on a CUDA device what PyTorch's allocator has reserved
+    there (the CUDA graphs' pool included: what must fit on the card), elsewhere the peak resident set of the
+    process. Host-side counters only: reading them waits for nothing on the device."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
 class RunLock:
@@ -670,7 +684,8 @@ class _Loop:
                         self.metrics.write({"event": "train", "step": self.step, "epoch": self._epoch_float(),
                                             "tokens": self.tokens, "loss": train_loss, "ppl": _ppl(train_loss),
                                             "lr": lr, "tokens_per_s": round(tok_s, 1),
-                                            "elapsed_s": round(self.elapsed, 3)})
+                                            "elapsed_s": round(self.elapsed, 3),
+                                            "peak_mem_mb": round(peak_memory_mb(self.device), 1)})
                         bar.set_postfix(loss=f"{train_loss:.3f}", ppl=f"{_ppl(train_loss):.1f}", lr=f"{lr:.3g}",
                                         tok_s=f"{tok_s:,.0f}")
                         self.run_loss.zero_()
@@ -716,7 +731,7 @@ class _Loop:
                      "window(s) replayed, %d length(s) recorded", g.replays, g.replays + g.eager_steps, len(g.steps),
                      v.replays, v.recordings)
         return TrainResult(self.out, self.step, self._epoch_float(), self.tokens, self.best, _ppl(self.best),
-                           self.elapsed, stop_reason, num_parameters(model), model)
+                           self.elapsed, stop_reason, num_parameters(model), model, peak_memory_mb(self.device))
 
     def _update_average(self) -> None:
         """Add the current weights to the NT-ASGD running mean: avg += (w - avg) / (n + 1), the update
