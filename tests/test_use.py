@@ -111,6 +111,7 @@ def test_info(demo_run):
     data = json.loads(r.output.strip().splitlines()[-1])
     assert data["parameters"] == 150414 - 142 * 128 + 142 * 128  # tied: one matrix
     assert data["vocab_size"] == 142 and data["validations"] >= 1 and data["best_valid_ppl"] < 20
+    assert data["peak_mem_mb"] > 50  # the training process's peak RSS, from its train records
 
 
 def test_info_reports_the_time_to_a_target_perplexity(demo_run):

@@ -397,7 +397,8 @@ def info(
         typer.echo(f"history      {history['steps']} steps, {history['tokens']:,} tokens, "
                    f"{history['elapsed_s']:.0f}s, {history['validations']} validations, "
                    f"best valid ppl {history['best_valid_ppl']:.2f} at step {history['best_step']}"
-                   + (f"; validation took {history['valid_s_total']:.1f}s" if "valid_s_total" in history else ""))
+                   + (f"; validation took {history['valid_s_total']:.1f}s" if "valid_s_total" in history else "")
+                   + (f"; peak memory {history['peak_mem_mb']:,.0f} MiB" if "peak_mem_mb" in history else ""))
         t = history.get("target")
         if t and t["reached"]:
             typer.echo(f"target       valid ppl <= {t['ppl']:g} first at {t['elapsed_s']:.1f} s (step {t['step']}, "

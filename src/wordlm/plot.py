@@ -38,7 +38,8 @@ def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
     """Steps, tokens, wall time and the best validation of a run; {} when it has no validation yet. With
     `target_ppl`, also when validation perplexity first reached it: {"target": {"ppl", "reached", and, when
     reached, "elapsed_s", "step", "epoch", "tokens", "valid_ppl"}} (the time is the training loop's own clock,
-    validation and checkpoints included). "valid_s_total": the time the validation passes took, where recorded."""
+    validation and checkpoints included). "valid_s_total": the time the validation passes took, and
+    "peak_mem_mb" the most memory held, where recorded."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return {}
@@ -53,6 +54,9 @@ def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
     timed = [r["valid_s"] for r in valid if "valid_s" in r]  # runs before valid_s was recorded have none
     if timed:
         out["valid_s_total"] = round(sum(timed), 3)
+    mem = [r["peak_mem_mb"] for r in recs if "peak_mem_mb" in r]  # nor peak_mem_mb
+    if mem:
+        out["peak_mem_mb"] = max(mem)
     if target_ppl is not None:
         hit = next((r for r in valid if r["valid_ppl"] <= target_ppl), None)
         out["target"] = {"ppl": target_ppl, "reached": hit is not None}
