@@ -54,7 +54,7 @@ def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
     timed = [r["valid_s"] for r in valid if "valid_s" in r]  # runs before valid_s was recorded have none
     if timed:
         out["valid_s_total"] = round(sum(timed), 3)
-    mem = [r["peak_mem_mb"] for r in recs if "peak_mem_mb" in r]  # nor peak_mem_mb
+    mem = [r["peak_mem_mb"] for r in recs if "peak_mem_mb" in r]  # nor did they record peak_mem_mb
     if mem:
         out["peak_mem_mb"] = max(mem)
     if target_ppl is not None:
