@@ -15,9 +15,11 @@
 #           budget, validated after every epoch and then every fifth (each epoch end cost about 14% of a run
 #           before validation was recorded, docs/RESULTS.md); not in the default parts (about 3 minutes; after
 #           the AWD call, if time is left, as its own call: GRAPHS=true PARTS=fast LIMIT=200)
-#   sweep:  ptb-medium-gpu.toml variants (SWEEP="set set;set ..."; default: dropout 0.5/0.55/0.6, lr 40, batch
-#           96 and 48, weight drop 0.2) in 58 s budgets validated every 5 epochs, no test pass: which reaches
-#           valid 79.4 before 60 s; as many as fit in LIMIT (about 70 s each);
+#   sweep:  ptb-medium-gpu.toml variants (SWEEP="set set;set ..."; default, most promising first: dropout
+#           0.55 with AWD-LSTM's AR/TAR (worth 3.7 valid ppl in its ablation), variational dropout in place of
+#           nn.Dropout (Gal & Ghahramani: about 3 test ppl on the untied medium model), then dropout 0.55 alone,
+#           lr 40, batch 96 and 48, weight drop 0.2) in 58 s budgets validated every 5 epochs, no test pass:
+#           which reaches valid 79.4 before 60 s; as many as fit in LIMIT (about 70 s each);
 #   awdbatch: the AWD model's step time at batch 20, 40 and 80 (AWD_BATCHES), with the recipe's graphs and
 #           precision (benchmarks/gpu.py --batch-sweep, about 40 s): the 494 s run at batch 80 got 31,936 steps
 #           and overfit after 132 epochs; a smaller batch buys more steps per epoch if a step gets cheaper;
@@ -142,8 +144,10 @@ if part fast; then  # 58 s budgets: the last validation's result must be known b
     run_and_test fast58-eval5 100 configs/ptb-medium-gpu.toml "${fast[@]}" --set train.eval_every=2075
 fi
 if part sweep; then  # ptb-medium-gpu variants in 58 s budgets, validation only: which reaches 79.4 soonest
-    IFS=';' read -ra variants <<< "${SWEEP:-model.dropout=0.55;model.dropout=0.5;model.dropout=0.6;\
-model.dropout=0.55 train.lr=40;model.dropout=0.55 train.batch_size=96 train.lr=40 train.eval_every=1380;\
+    IFS=';' read -ra variants <<< "${SWEEP:-model.dropout=0.55 train.ar_alpha=2 train.tar_beta=1;\
+model.dropout=0 model.dropout_input=0.5 model.dropout_hidden=0.3 model.dropout_output=0.5 model.dropout_embedding=0.1;\
+model.dropout=0.55;model.dropout=0.55 train.lr=40;\
+model.dropout=0.55 train.batch_size=96 train.lr=40 train.eval_every=1380;\
 model.dropout=0.55 train.batch_size=48 train.eval_every=2765;model.dropout=0.5 model.weight_drop=0.2}"
     i=0
     for v in "${variants[@]}"; do
