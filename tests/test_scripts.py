@@ -1,0 +1,44 @@
+"""The GPU session's scripts, run on the CPU with tiny models: a device call is too scarce to find out there
+that a script broke (benchmarks/gpu.py's modes and scripts/gpu_session.sh's wiring; data/tiny as the corpus)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--device", "cpu", "--data", str(ROOT / "data" / "tiny")]
+AWD_SMALL = ["--set", "model.hidden_size=16", "--set", "model.embedding_size=8", "--set", "model.last_hidden_size=8",
+             "--set", "train.precision=fp32"]
+
+
+def run(args: list[str], **env) -> str:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the script's python3: ours
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PATH": path, **env})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("mode, expect", [
+    (["--config", "configs/demo.toml", "--steps", "3", "--hidden", "16"], "| 20 | fp32 |"),
+    (["--config", "configs/demo.toml", "--validation", "--hidden", "16"], "| bf16 | 5,620 |"),
+    (["--config", "configs/ptb-awd-gpu.toml", "--batch-sweep", "2,4", "--steps", "5", *AWD_SMALL], "| 4 | "),
+], ids=["table", "validation", "batch-sweep"])
+def test_gpu_benchmark_modes_run(mode, expect):
+    out = run([sys.executable, "benchmarks/gpu.py", *TINY, *mode])
+    assert expect in out
+
+
+def test_gpu_session_script_wires_its_parts(tmp_path):
+    subprocess.run(["bash", "-n", "scripts/gpu_session.sh"], cwd=ROOT, check=True)
+    out = tmp_path / "out"
+    run(["bash", "scripts/gpu_session.sh"], PARTS="awdbatch", GRAPHS="false", DATA=str(ROOT / "data" / "tiny"),
+        OUT=str(out), RUNS=str(tmp_path / "runs"), AWD_BATCHES="2,4",
+        BENCH_SETS=" ".join(["--device cpu", *AWD_SMALL]))
+    log = (out / "session.log").read_text()
+    assert "training runs use train.cuda_graphs=false" in log
+    rows = [ln for ln in log.splitlines() if ln.startswith(("| 2 |", "| 4 |"))]
+    assert len(rows) == 2, log
