@@ -299,6 +299,10 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
         _warn_train_changes(cfg, ckpt.config)
     if init_from is not None and ckpt is None:
         init = load_checkpoint(init_from)
+        source = init.path.resolve()
+        if out.resolve() == source or out.resolve() in source.parents:
+            raise ConfigError(f"--out {out} holds the checkpoint being finetuned ({init.path}); write the "
+                              f"finetuned run to another --out")
         diffs = arch_differences(cfg, init.config)
         if diffs:
             raise ConfigError([f"finetuning needs the architecture of {init.path} ({d}, config vs checkpoint)"
