@@ -22,7 +22,9 @@
 #           which reaches valid 79.4 before 60 s; as many as fit in LIMIT (about 70 s each);
 #   awdbatch: the AWD model's step time at batch 20, 40 and 80 (AWD_BATCHES), with the recipe's graphs and
 #           precision (benchmarks/gpu.py --batch-sweep, about 40 s): the 494 s run at batch 80 got 31,936 steps
-#           and overfit after 132 epochs; a smaller batch buys more steps per epoch if a step gets cheaper;
+#           and overfit after 132 epochs; a smaller batch buys more steps per epoch if a step gets cheaper.
+#           It suggests the smallest batch with at least 0.7 of batch 80's tokens/s; AWD_BATCH=auto makes the
+#           awd part in the same call train at it (AWD_BATCH=N: at N);
 #   awd:    configs/ptb-awd-gpu.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT), not in the default
 #           parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe (the shipped one, batch 80 with
 #           a cosine schedule, overfit on an H100: test 68.34, docs/RESULTS.md); AWD_CONFIG=configs/ptb-awd.toml
@@ -163,15 +165,27 @@ if part awdbatch; then  # the AWD model's ms per step at batch 20/40/80: how man
     say "the AWD model's step time by batch size (benchmarks/gpu.py --batch-sweep)"
     timeout 150 python3 benchmarks/gpu.py --data "$DATA" --config "${AWD_CONFIG:-configs/ptb-awd-gpu.toml}" \
         --batch-sweep "${AWD_BATCHES:-20,40,80}" --steps 120 --set "train.cuda_graphs=$GRAPHS" ${BENCH_SETS:-} 2>&1 \
-        | grep -e '^|' -e '^#' -e '^(' | tee -a "$LOG"
+        | grep -e '^|' -e '^#' -e '^(' -e '^suggested' | tee -a "$LOG" | tee "$OUT/awdbatch.txt"
 fi
 if part awd; then  # the config's 540 s budget, or what is left of LIMIT
     dyn=0
     [ -z "${DYNAMIC:-}" ] || dyn=$DYN_LIMIT
     left=$(( LIMIT - ($(date +%s) - T0) - 40 - dyn ))
     [ "$left" -lt 540 ] || left=540
-    run_and_test awd-gpu $(( left + 30 )) "${AWD_CONFIG:-configs/ptb-awd-gpu.toml}" \
-        --set "train.time_budget_s=$left" --set "train.cuda_graphs=$GRAPHS" ${AWD_SETS:-}
+    batch=()
+    if [ "${AWD_BATCH:-}" = auto ]; then  # the awdbatch part's suggestion, from this call
+        b=$(sed -n 's/^suggested batch: \([0-9]*\).*/\1/p' "$OUT/awdbatch.txt" 2>/dev/null)
+        [ -n "$b" ] && batch=(--set "train.batch_size=$b")
+        say "AWD_BATCH=auto: ${b:-no suggestion, so the batch of the config}"
+    elif [ -n "${AWD_BATCH:-}" ]; then
+        batch=(--set "train.batch_size=$AWD_BATCH")
+    fi
+    if [ "$left" -lt 30 ]; then
+        say "no time left for the AWD run ($left s)"
+    else
+        run_and_test awd-gpu $(( left + 30 )) "${AWD_CONFIG:-configs/ptb-awd-gpu.toml}" \
+            --set "train.time_budget_s=$left" --set "train.cuda_graphs=$GRAPHS" "${batch[@]}" ${AWD_SETS:-}
+    fi
 fi
 if part wt2; then  # configs/wt2-medium.toml on WikiText-2 (DATA_WT2) for what is left of LIMIT: the WT2 GPU row
     WT2=$(realpath "${DATA_WT2:-../shared/data/wikitext-2}")

@@ -35,10 +35,30 @@ def test_gpu_benchmark_modes_run(mode, expect):
 def test_gpu_session_script_wires_its_parts(tmp_path):
     subprocess.run(["bash", "-n", "scripts/gpu_session.sh"], cwd=ROOT, check=True)
     out = tmp_path / "out"
-    run(["bash", "scripts/gpu_session.sh"], PARTS="awdbatch", GRAPHS="false", DATA=str(ROOT / "data" / "tiny"),
-        OUT=str(out), RUNS=str(tmp_path / "runs"), AWD_BATCHES="2,4",
+    # LIMIT=30 leaves the awd part no time to train: it only reports the batch it would have used
+    run(["bash", "scripts/gpu_session.sh"], PARTS="awdbatch awd", GRAPHS="false", DATA=str(ROOT / "data" / "tiny"),
+        OUT=str(out), RUNS=str(tmp_path / "runs"), AWD_BATCHES="2,4", AWD_BATCH="auto", LIMIT="30",
         BENCH_SETS=" ".join(["--device cpu", *AWD_SMALL]))
     log = (out / "session.log").read_text()
     assert "training runs use train.cuda_graphs=false" in log
     rows = [ln for ln in log.splitlines() if ln.startswith(("| 2 |", "| 4 |"))]
     assert len(rows) == 2, log
+    suggested = next(ln for ln in log.splitlines() if ln.startswith("suggested batch: ")).split()[2]
+    assert suggested in ("2", "4") and f"AWD_BATCH=auto: {suggested}" in log
+    assert "no time left for the AWD run" in log
+
+
+def test_suggested_batch_is_the_smallest_keeping_70_percent_of_the_throughput():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu import suggest_batch
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def rows(*rates):
+        return [{"batch": b, "tokens_per_s": r} for b, r in zip((20, 40, 80), rates, strict=True)]
+
+    assert suggest_batch(rows(100, 200, 400)) == 80  # latency-bound: a smaller batch only loses tokens/s
+    assert suggest_batch(rows(200, 300, 400)) == 40  # 0.75 of batch 80's
+    assert suggest_batch(rows(290, 390, 400)) == 20
+    assert suggest_batch(rows(279, 281, 400)) == 40  # 0.6975 misses, 0.7025 makes it
