@@ -71,6 +71,19 @@ def test_nt_asgd_averaging_makes_no_host_sync_per_step(small_corpus, tmp_path):
     assert long - short < 5, (short, long)
 
 
+def test_train_records_report_the_gpu_memory_peak(small_corpus, tmp_path):
+    # peak_mem_mb on a GPU is what PyTorch's allocator has reserved there, not the host's RSS.
+    import json
+
+    from wordlm.train import train
+
+    result = train(tiny_config(small_corpus, device="cuda", max_steps=20, log_every=5), tmp_path / "run")
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    mems = [r["peak_mem_mb"] for r in recs if r["event"] == "train"]
+    assert len(mems) == 4 and 0 < mems[0] and mems == sorted(mems)
+    assert result.peak_mem_mb == torch.cuda.max_memory_reserved() / 2**20 >= mems[-1]
+
+
 def _losses(out) -> list[float]:
     import json
 
