@@ -81,7 +81,7 @@ def test_train_records_report_the_gpu_memory_peak(small_corpus, tmp_path):
     recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     mems = [r["peak_mem_mb"] for r in recs if r["event"] == "train"]
     assert len(mems) == 4 and 0 < mems[0] and mems == sorted(mems)
-    assert result.peak_mem_mb == torch.cuda.max_memory_reserved() / 2**20 >= mems[-1]
+    assert result.peak_mem_mb == torch.cuda.max_memory_reserved() / 2**20 >= mems[-1] - 0.05  # records: 0.1 MiB
 
 
 def _losses(out) -> list[float]:

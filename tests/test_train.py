@@ -45,9 +45,10 @@ def test_run_directory_contents(small_corpus, tmp_path):
         assert key in train_rec
     last_line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-2])
     assert last_line["tokens_per_s"] > 0 and last_line["elapsed_s"] > 0
-    # the process's peak resident set on the CPU: torch alone holds well over 50 MiB; a peak never falls
+    # the process's peak resident set on the CPU: torch alone holds well over 50 MiB; a peak never falls (the
+    # records round it to 0.1 MiB)
     mems = [json.loads(ln)["peak_mem_mb"] for ln in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in ln]
-    assert mems[0] > 50 and mems == sorted(mems) and result.peak_mem_mb >= mems[-1]
+    assert mems[0] > 50 and mems == sorted(mems) and result.peak_mem_mb >= mems[-1] - 0.05
     assert result.best_valid_loss == min(r["valid_loss"] for r in valid)
     assert load_checkpoint(run).meta["valid_loss"] == pytest.approx(result.best_valid_loss)
 
