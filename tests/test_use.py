@@ -261,13 +261,42 @@ def test_dynamic_evaluation_cli_chooses_by_grid(demo_run):
                                  "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
-    assert len(out["dynamic"]["grid"]) == 3 and out["dynamic"]["decay"] == 0
-    assert out["dynamic"]["lr"] == min(out["dynamic"]["grid"], key=lambda g: g["ppl"])["lr"]
+    grid = out["dynamic"]["grid"]
+    assert [g["lr"] for g in grid[:3]] == [1e-6, 3e-6, 1e-5] and out["dynamic"]["decay"] == 0
+    assert out["dynamic"]["lr"] == min(grid, key=lambda g: g["ppl"])["lr"]
     # a long evaluation says what it is doing: each grid point's result as it comes, then the pass it chose
     logged = [line for line in r.stderr.splitlines() if line.startswith("dynamic: ")]
-    assert len(logged) == 1 + 3 + 1, r.stderr
-    assert all(f"ppl {g['ppl']:.2f}" in line for g, line in zip(out["dynamic"]["grid"], logged[1:4], strict=True))
+    assert len(logged) == 1 + len(grid) + 1, r.stderr
+    assert all(f"ppl {g['ppl']:.2f}" in line for g, line in zip(grid, logged[1:-1], strict=True))
     assert logged[-1].startswith(f"dynamic: lr {out['dynamic']['lr']:g}, lambda 0 over test.txt")
+
+
+@pytest.mark.parametrize("best_lr, tried", [
+    (1e-4, [3e-5, 1e-4, 3e-4]),  # best above the grid: up the ladder until a step does worse
+    (3e-6, []),  # best inside the grid: nothing more
+    (1e-2, [3e-5, 1e-4, 3e-4, 1e-3]),  # never past the ladder's top
+    ("nan", [3e-5]),  # a step that diverges ends the climb
+])
+def test_dynamic_grid_climbs_while_its_largest_step_is_best(lm, monkeypatch, best_lr, tried):
+    """The grid was made for 5-token updates; longer ones want larger steps, so a best step size at the top of
+    the grid is followed up the ladder (scripted perplexities: a bowl around `best_lr` in log10)."""
+    import wordlm.evaluate
+
+    def scripted(model, streams, seq_len, lr, decay, ms):
+        if best_lr == "nan":
+            ppl = math.nan if lr > 1e-5 else 100 - lr * 1e6
+        else:
+            ppl = 100 + (math.log10(lr) - math.log10(best_lr)) ** 2 + decay
+        return math.log(ppl) * 1000, 1000
+
+    monkeypatch.setattr(wordlm.evaluate, "dynamic_total_nll", scripted)
+    text = ROOT / "data" / "tiny" / "valid.txt"
+    out = lm.evaluate_dynamic(text, grid_on=text, ms_windows=2)
+    grid = out["dynamic"]["grid"]
+    assert [(g["lr"], g["decay"]) for g in grid[:6]] == [(a, d) for a in (1e-6, 3e-6, 1e-5) for d in (0.0, 1e-3)]
+    assert [g["lr"] for g in grid[6:]] == pytest.approx(tried) and all(g["decay"] == 0 for g in grid[6:])
+    finite = [g for g in grid if not math.isnan(g["ppl"])]
+    assert out["dynamic"]["lr"] == min(finite, key=lambda g: g["ppl"])["lr"]
 
 
 def test_evaluation_windows_change_speed_not_figures(lm):

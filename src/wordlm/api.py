@@ -29,6 +29,10 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger("wordlm")
 
+# Dynamic evaluation's step sizes: the grid starts with the first three, and goes on up from the best one
+# while that is the largest tried and it keeps improving.
+DYN_LRS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+
 
 class LanguageModel:
     def __init__(self, model, tokenizer: Tokenizer, config: Config, path: Path, meta: dict):
@@ -137,16 +141,29 @@ class LanguageModel:
             # have an RMS gradient under 1e-6): useful step sizes are small. On the first 10,000 validation
             # tokens of the ptb-medium-gpu model (docs/RESULTS.md): 1e-6 -2.3%, 3e-6 -6.0%, 1e-5 -11.8%, 3e-5 -4.4%
             # against static, each best without decay (1e-3 and 1e-2 were slightly worse).
-            lrs = [lr] if lr is not None else [1e-6, 3e-6, 1e-5]
+            lrs = [lr] if lr is not None else list(DYN_LRS[:3])
             decays = [decay] if decay is not None else [0.0, 1e-3]
+
+            def point(a: float, d: float) -> dict:
+                started = time.perf_counter()
+                nll, n = dynamic_total_nll(self.model, streams, seq_len, a, d, ms)
+                grid.append({"lr": a, "decay": d, "ppl": math.exp(nll / n)})
+                log.info("dynamic: lr %g, lambda %g: ppl %.2f on the first %d tokens of %s (%.1fs)", a, d,
+                         grid[-1]["ppl"], n, Path(grid_on).name, time.perf_counter() - started)
+                return grid[-1]
+
             for a in lrs:
                 for d in decays:
-                    started = time.perf_counter()
-                    nll, n = dynamic_total_nll(self.model, streams, seq_len, a, d, ms)
-                    grid.append({"lr": a, "decay": d, "ppl": math.exp(nll / n)})
-                    log.info("dynamic: lr %g, lambda %g: ppl %.2f on the first %d tokens of %s (%.1fs)", a, d,
-                             grid[-1]["ppl"], n, Path(grid_on).name, time.perf_counter() - started)
+                    point(a, d)
             best = min(grid, key=lambda g: g["ppl"])
+            # The best step size at the top of the grid: go on up the ladder while it improves. Longer
+            # updates (--dyn-seq-len) want larger steps: on the H100's medium model, windows of 20 did best
+            # at lr 1e-4 (docs/RESULTS.md), above the grid made for windows of 5.
+            while lr is None and best["lr"] == max(g["lr"] for g in grid) and best["lr"] < DYN_LRS[-1]:
+                nxt = point(next(a for a in DYN_LRS if a > best["lr"]), best["decay"])
+                if not nxt["ppl"] < best["ppl"]:  # also when it diverged (nan)
+                    break
+                best = nxt
             chosen = {"lr": best["lr"], "decay": best["decay"]}
         if chosen["lr"] is None or chosen["decay"] is None:
             raise UsageError("give --dyn-lr and --dyn-lambda, or let the grid search choose them on the "
