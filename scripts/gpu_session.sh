@@ -37,7 +37,8 @@
 #         PARTS="tests awd" LIMIT=590 ...  the AWD attempt, a call of its own (with cuda_graphs if its tests pass)
 #         DYNAMIC=1 DYN_LIMIT=200 ...  after each test figure, dynamic evaluation too (wordlm eval --dynamic: its
 #         grid on the valid split, then the test pass), stopped after DYN_LIMIT s; the awd part trains that much
-#         less. Its time on a GPU is not yet known (on 2 CPU cores the medium model's took 22 minutes).
+#         less. Its time on a GPU is not yet known (on 2 CPU cores the medium model's took 22 minutes, and 8
+#         with DYN_ARGS="--dyn-seq-len 20", test 74.52 against 73.87: docs/RESULTS.md).
 # On a lent machine that cannot see ../shared: cp -r ../shared/data/ptb .gpu_data/ here first (.gpu_data is
 # git-ignored; carry it), then DATA=.gpu_data/ptb.
 # A smoke run of the script itself on a CPU (small model, skipped GPU tests; about 4 minutes):
@@ -82,7 +83,7 @@ run_and_test() {  # NAME SECONDS_LIMIT CONFIG [--set ...]: train, then test perp
     wordlm info "$RUNS/$name" --target-ppl 79.4 2>&1 | grep -e '^target' | tee -a "$LOG"
     if [ -n "${DYNAMIC:-}" ]; then  # lr and lambda by the grid on the valid split, then the test pass
         say "dynamic evaluation $name (test, batch 1)"
-        timeout "$DYN_LIMIT" python3 -m wordlm eval "$RUNS/$name" --split test --batch-size 1 --dynamic --json \
+        timeout "$DYN_LIMIT" python3 -m wordlm eval "$RUNS/$name" --split test --batch-size 1 --dynamic --json ${DYN_ARGS:-} \
             2>&1 | tail -n 9 | tee -a "$LOG"
         say "dynamic evaluation $name ended"
     fi
