@@ -328,3 +328,15 @@ def test_eval_precision_defaults_to_the_runs_and_can_be_chosen(demo_run, lm):
     assert json.loads(r.output.strip().splitlines()[-1])["total_nll"] == pytest.approx(bf16["total_nll"], rel=1e-12)
     r = CliRunner().invoke(app, ["eval", str(demo_run), "--precision", "bf16", "--dynamic"])
     assert r.exit_code == 2 and "dynamic evaluation runs in fp32" in r.output
+
+
+def test_dynamic_grid_never_chooses_a_diverged_point(lm, monkeypatch):
+    import wordlm.evaluate
+
+    def scripted(model, streams, seq_len, lr, decay, ms):  # the first point diverges; 3e-6 is best
+        ppl = math.nan if (lr, decay) == (1e-6, 0.0) else 100 + (math.log10(lr) - math.log10(3e-6)) ** 2
+        return math.log(ppl) * 1000, 1000
+
+    monkeypatch.setattr(wordlm.evaluate, "dynamic_total_nll", scripted)
+    text = ROOT / "data" / "tiny" / "valid.txt"
+    assert lm.evaluate_dynamic(text, grid_on=text, ms_windows=2)["dynamic"]["lr"] == 3e-6

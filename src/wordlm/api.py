@@ -155,7 +155,7 @@ class LanguageModel:
             for a in lrs:
                 for d in decays:
                     point(a, d)
-            best = min(grid, key=lambda g: g["ppl"])
+            best = min(grid, key=lambda g: (math.isnan(g["ppl"]), g["ppl"]))  # a diverged point never wins
             # The best step size at the top of the grid: go on up the ladder while it improves. Longer
             # updates (--dyn-seq-len) want larger steps: on the H100's medium model, windows of 20 did best
             # at lr 1e-4 (docs/RESULTS.md), above the grid made for windows of 5.
