@@ -37,8 +37,8 @@
 #         PARTS="tests awd" LIMIT=590 ...  the AWD attempt, a call of its own (with cuda_graphs if its tests pass)
 #         DYNAMIC=1 DYN_LIMIT=200 ...  after each test figure, dynamic evaluation too (wordlm eval --dynamic: its
 #         grid on the valid split, then the test pass), stopped after DYN_LIMIT s; the awd part trains that much
-#         less. Its time on a GPU is not yet known (on 2 CPU cores the medium model's took 22 minutes, and 8
-#         with DYN_ARGS="--dyn-seq-len 20", test 74.52 against 73.87: docs/RESULTS.md).
+#         less (DYN_ARGS="--dyn-lr ..." passes options). Its time on a GPU is not yet known (on 2 CPU cores the
+#         medium model's takes about 7 minutes, 20 tokens per update: docs/RESULTS.md).
 # On a lent machine that cannot see ../shared: cp -r ../shared/data/ptb .gpu_data/ here first (.gpu_data is
 # git-ignored; carry it), then DATA=.gpu_data/ptb.
 # A smoke run of the script itself on a CPU (small model, skipped GPU tests; about 4 minutes):

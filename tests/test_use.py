@@ -262,7 +262,7 @@ def test_dynamic_evaluation_cli_chooses_by_grid(demo_run):
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     grid = out["dynamic"]["grid"]
-    assert [g["lr"] for g in grid[:3]] == [1e-6, 3e-6, 1e-5] and out["dynamic"]["decay"] == 0
+    assert [g["lr"] for g in grid[:3]] == [1e-5, 3e-5, 1e-4] and out["dynamic"]["decay"] == 0  # 20 tokens
     assert out["dynamic"]["lr"] == min(grid, key=lambda g: g["ppl"])["lr"]
     # a long evaluation says what it is doing: each grid point's result as it comes, then the pass it chose
     logged = [line for line in r.stderr.splitlines() if line.startswith("dynamic: ")]
@@ -271,16 +271,27 @@ def test_dynamic_evaluation_cli_chooses_by_grid(demo_run):
     assert logged[-1].startswith(f"dynamic: lr {out['dynamic']['lr']:g}, lambda 0 over test.txt")
 
 
-@pytest.mark.parametrize("best_lr, tried", [
-    (1e-4, [3e-5, 1e-4, 3e-4]),  # best above the grid: up the ladder until a step does worse
-    (3e-6, []),  # best inside the grid: nothing more
-    (1e-2, [3e-5, 1e-4, 3e-4, 1e-3]),  # never past the ladder's top
-    ("nan", [3e-5]),  # a step that diverges ends the climb
+def test_dynamic_grid_starts_higher_for_longer_updates():
+    from wordlm.api import dyn_grid_start
+
+    assert dyn_grid_start(5) == dyn_grid_start(1) == (1e-6, 3e-6, 1e-5)
+    assert dyn_grid_start(10) == (3e-6, 1e-5, 3e-5) and dyn_grid_start(20) == (1e-5, 3e-5, 1e-4)
+    assert dyn_grid_start(10_000) == (1e-4, 3e-4, 1e-3)  # the ladder's top three
+
+
+@pytest.mark.parametrize("seq_len, best_lr, tried", [
+    (5, 1e-4, [3e-5, 1e-4, 3e-4]),  # best above the grid: up the ladder until a step does worse
+    (5, 3e-6, []),  # best inside the grid: nothing more
+    (5, 1e-2, [3e-5, 1e-4, 3e-4, 1e-3]),  # never past the ladder's top
+    (5, "nan", [3e-5]),  # a step that diverges ends the climb
+    (20, 3e-6, [3e-6, 1e-6]),  # best below the grid: down the ladder
+    (20, 1e-8, [3e-6, 1e-6]),  # never past the ladder's foot
 ])
-def test_dynamic_grid_climbs_while_its_largest_step_is_best(lm, monkeypatch, best_lr, tried):
-    """The grid was made for 5-token updates; longer ones want larger steps, so a best step size at the top of
-    the grid is followed up the ladder (scripted perplexities: a bowl around `best_lr` in log10)."""
+def test_dynamic_grid_moves_while_its_best_step_is_at_an_edge(lm, monkeypatch, seq_len, best_lr, tried):
+    """A best step size at an edge of the grid is followed along the ladder (scripted perplexities: a bowl
+    around `best_lr` in log10)."""
     import wordlm.evaluate
+    from wordlm.api import dyn_grid_start
 
     def scripted(model, streams, seq_len, lr, decay, ms):
         if best_lr == "nan":
@@ -291,9 +302,9 @@ def test_dynamic_grid_climbs_while_its_largest_step_is_best(lm, monkeypatch, bes
 
     monkeypatch.setattr(wordlm.evaluate, "dynamic_total_nll", scripted)
     text = ROOT / "data" / "tiny" / "valid.txt"
-    out = lm.evaluate_dynamic(text, grid_on=text, ms_windows=2)
+    out = lm.evaluate_dynamic(text, grid_on=text, ms_windows=2, seq_len=seq_len)
     grid = out["dynamic"]["grid"]
-    assert [(g["lr"], g["decay"]) for g in grid[:6]] == [(a, d) for a in (1e-6, 3e-6, 1e-5) for d in (0.0, 1e-3)]
+    assert [(g["lr"], g["decay"]) for g in grid[:6]] == [(a, d) for a in dyn_grid_start(seq_len) for d in (0, 1e-3)]
     assert [g["lr"] for g in grid[6:]] == pytest.approx(tried) and all(g["decay"] == 0 for g in grid[6:])
     finite = [g for g in grid if not math.isnan(g["ppl"])]
     assert out["dynamic"]["lr"] == min(finite, key=lambda g: g["ppl"])["lr"]
@@ -339,4 +350,4 @@ def test_dynamic_grid_never_chooses_a_diverged_point(lm, monkeypatch):
 
     monkeypatch.setattr(wordlm.evaluate, "dynamic_total_nll", scripted)
     text = ROOT / "data" / "tiny" / "valid.txt"
-    assert lm.evaluate_dynamic(text, grid_on=text, ms_windows=2)["dynamic"]["lr"] == 3e-6
+    assert lm.evaluate_dynamic(text, grid_on=text, ms_windows=2, seq_len=5)["dynamic"]["lr"] == 3e-6

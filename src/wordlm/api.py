@@ -29,9 +29,17 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger("wordlm")
 
-# Dynamic evaluation's step sizes: the grid starts with the first three, and goes on up from the best one
-# while that is the largest tried and it keeps improving.
+# Dynamic evaluation's step sizes. The grid starts with three of them, higher for longer updates, and moves
+# on (up or down) from its best one while that is at the edge of what was tried and it keeps improving.
 DYN_LRS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+
+
+def dyn_grid_start(seq_len: int) -> tuple[float, ...]:
+    """The grid's first three step sizes for updates of `seq_len` tokens: 1e-6 to 1e-5 for 5 tokens, one rung
+    up the ladder for each doubling (1e-5 to 1e-4 for 20). Measured on two medium PTB models (docs/RESULTS.md):
+    the best was 1e-5 with 5 tokens, 3e-5 and 1e-4 with 20."""
+    centre = min(max(1 + round(math.log2(max(seq_len, 1) / 5)), 1), len(DYN_LRS) - 2)
+    return DYN_LRS[centre - 1: centre + 2]
 
 
 class LanguageModel:
@@ -113,7 +121,7 @@ class LanguageModel:
         return out
 
     def evaluate_dynamic(self, path: str | Path, lr: float | None = None, decay: float | None = None,
-                         batch_size: int = 1, seq_len: int = 5, grid_on: str | Path | None = None,
+                         batch_size: int = 1, seq_len: int = 20, grid_on: str | Path | None = None,
                          grid_tokens: int = 10000, ms_windows: int = 500) -> dict:
         """Dynamic evaluation (Krause et al. 2018): the weights adapt to `path` as it is read.
 
@@ -139,9 +147,10 @@ class LanguageModel:
             streams = Streams(ids, batch_size, self.device)
             # RMS-normalised steps are large where gradients are rare (about half the weights of a PTB model
             # have an RMS gradient under 1e-6): useful step sizes are small. On the first 10,000 validation
-            # tokens of the ptb-medium-gpu model (docs/RESULTS.md): 1e-6 -2.3%, 3e-6 -6.0%, 1e-5 -11.8%, 3e-5 -4.4%
-            # against static, each best without decay (1e-3 and 1e-2 were slightly worse).
-            lrs = [lr] if lr is not None else list(DYN_LRS[:3])
+            # tokens of a ptb-medium-gpu model with 5-token updates (docs/RESULTS.md): 1e-6 -2.3%, 3e-6 -6.0%,
+            # 1e-5 -11.8%, 3e-5 -4.4% against static, each best without decay (1e-3 and 1e-2 were slightly
+            # worse); with 20-token updates the best was 3e-5 or 1e-4.
+            lrs = [lr] if lr is not None else list(dyn_grid_start(seq_len))
             decays = [decay] if decay is not None else [0.0, 1e-3]
 
             def point(a: float, d: float) -> dict:
@@ -156,14 +165,16 @@ class LanguageModel:
                 for d in decays:
                     point(a, d)
             best = min(grid, key=lambda g: (math.isnan(g["ppl"]), g["ppl"]))  # a diverged point never wins
-            # The best step size at the top of the grid: go on up the ladder while it improves. Longer
-            # updates (--dyn-seq-len) want larger steps: on the H100's medium model, windows of 20 did best
-            # at lr 1e-4 (docs/RESULTS.md), above the grid made for windows of 5.
-            while lr is None and best["lr"] == max(g["lr"] for g in grid) and best["lr"] < DYN_LRS[-1]:
-                nxt = point(next(a for a in DYN_LRS if a > best["lr"]), best["decay"])
-                if not nxt["ppl"] < best["ppl"]:  # also when it diverged (nan)
-                    break
-                best = nxt
+            # The best step size at an edge of what was tried: go on along the ladder while it improves.
+            for up in (True, False):
+                while lr is None and best["lr"] == (max if up else min)(g["lr"] for g in grid):
+                    rungs = [a for a in DYN_LRS if (a > best["lr"] if up else a < best["lr"])]
+                    if not rungs:
+                        break
+                    nxt = point(min(rungs) if up else max(rungs), best["decay"])
+                    if not nxt["ppl"] < best["ppl"]:  # also when it diverged (nan)
+                        break
+                    best = nxt
             chosen = {"lr": best["lr"], "decay": best["decay"]}
         if chosen["lr"] is None or chosen["decay"] is None:
             raise UsageError("give --dyn-lr and --dyn-lambda, or let the grid search choose them on the "

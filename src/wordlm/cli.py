@@ -221,7 +221,7 @@ def eval_(
                                                  "the valid split)")] = None,
     dyn_lambda: Annotated[float | None, typer.Option(min=0.0, help="dynamic: decay toward the trained weights "
                                                      "(default: grid search)")] = None,
-    dyn_seq_len: Annotated[int, typer.Option(min=1, help="dynamic: tokens per update")] = 5,
+    dyn_seq_len: Annotated[int, typer.Option(min=1, help="dynamic: tokens per update")] = 20,
     device: Annotated[str, typer.Option(help="auto (the GPU when one is visible), cpu, cuda or cuda:N")] = "auto",
     cuda_graphs: Annotated[bool, typer.Option(help="CUDA only: record the forward pass over a window once per "
                                               "window length and replay it (the same figures, one launch per "
