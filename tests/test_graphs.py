@@ -28,7 +28,7 @@ from wordlm.config import ConfigError, load_config
 from wordlm.graphs import RecordedEvaluation
 from wordlm.train import train
 
-from conftest import MASKS, awd_like_config, replayed_training_losses, tiny_config, train_until_sigint
+from conftest import MASKS, all_differ, awd_like_config, replayed_training_outputs, tiny_config, train_until_sigint
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
 
@@ -381,7 +381,7 @@ def test_recorded_forward_draws_fresh_masks_at_each_replay(knob):
     # The stand-in's replays dispatch the recorded operations again, random draws included, as a CUDA graph's
     # replays advance the generator: a mask made outside those operations (kept from the recording run) would
     # read the same at every replay. tests/test_gpu.py checks the same with real CUDA graphs.
-    losses = replayed_training_losses(RecordOnCPU(), knob, "cpu")
-    assert len(set(losses)) == len(losses), losses
+    assert all_differ(replayed_training_outputs(RecordOnCPU(), knob, "cpu"))
     # the control: at p = 0 nothing is drawn and the replays agree, so what differs above is the masks
-    assert len(set(replayed_training_losses(RecordOnCPU(), knob, "cpu", p=0.0))) == 1
+    first, *rest = replayed_training_outputs(RecordOnCPU(), knob, "cpu", p=0.0)
+    assert all(torch.equal(first, r) for r in rest)
