@@ -48,6 +48,21 @@ def test_gpu_session_script_wires_its_parts(tmp_path):
     assert "no time left for the AWD run" in log
 
 
+def test_gpu_session_fast_part_trains_the_60s_recipe_per_seed(tmp_path):
+    # The shipped 79.4-in-60-s config with each seed of SEEDS, then its test pass and time to target (here a
+    # tiny model for 2 s on data/tiny).
+    out = tmp_path / "out"
+    run(["bash", "scripts/gpu_session.sh"], PARTS="fast", GRAPHS="false", DATA=str(ROOT / "data" / "tiny"),
+        OUT=str(out), RUNS=str(tmp_path / "runs"), SEEDS="7", LIMIT="200",
+        EXTRA="--set model.hidden_size=16 --set model.embedding_size=16 --set train.device=cpu "
+              "--set train.time_budget_s=2")
+    log = (out / "session.log").read_text()
+    assert "train fast60-seed7 (configs/ptb-medium-gpu-60s.toml --set train.seed=7" in log
+    assert '"tokens": 5623' in log, log  # the test pass, over data/tiny's test text
+    assert "target       valid ppl <= 79.4" in log
+    assert (out / "metrics-fast60-seed7.jsonl").exists()
+
+
 def test_suggested_batch_is_the_smallest_keeping_70_percent_of_the_throughput():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
