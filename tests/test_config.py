@@ -48,6 +48,15 @@ def test_tie_weights_needs_equal_sizes():
         Config.from_dict({"model": {"tie_weights": True, "embedding_size": 100, "hidden_size": 200}})
 
 
+def test_average_after_is_a_fraction_for_nt_asgd():
+    Config.from_dict({"train": {"optimizer": "ntasgd", "average_after": 0.5}})
+    with pytest.raises(ConfigError, match='train.average_after averages the iterates of NT-ASGD, but '
+                                          'train.optimizer is .sgd.: set train.optimizer = "ntasgd"'):
+        Config.from_dict({"train": {"average_after": 0.5}})
+    with pytest.raises(ConfigError, match="train.average_after must be < 1.0"):
+        Config.from_dict({"train": {"optimizer": "ntasgd", "average_after": 1.0}})
+
+
 def test_int_is_accepted_for_float_but_not_bool_for_int():
     cfg = Config.from_dict({"train": {"lr": 2}})
     assert cfg.train.lr == 2.0 and isinstance(cfg.train.lr, float)

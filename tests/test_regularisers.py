@@ -1,5 +1,6 @@
 """AWD-LSTM's regularisers, projection, variable BPTT and NT-ASGD."""
 
+import itertools
 import json
 import warnings
 
@@ -95,7 +96,8 @@ def test_nt_asgd_trigger_on_scripted_validations():
 
 
 def test_nt_asgd_switches_when_expected_in_training(small_corpus, tmp_path, monkeypatch):
-    scripted = iter([3.0, 2.5, 2.4, 2.45, 2.6, 2.3, 2.2, 2.1])  # the switch is due at the 5th validation
+    # the switch is due at the 5th validation; after it each validation reads the average and the raw iterate
+    scripted = itertools.chain([3.0, 2.5, 2.4, 2.45, 2.6], itertools.repeat(2.3))
     import wordlm.train as train_module
 
     monkeypatch.setattr(train_module, "total_nll", lambda *a, **k: (next(scripted) * 100, 100))
@@ -109,6 +111,40 @@ def test_nt_asgd_switches_when_expected_in_training(small_corpus, tmp_path, monk
     last = load_checkpoint(tmp_path / "run", prefer="last", train_state=True)
     assert last.train_state["n_averaged"] == 24 - 15  # every step after the switch
     assert not torch.equal(last.train_state["raw_model"]["decoder.weight"], last.model_state["decoder.weight"])
+
+
+def test_average_after_starts_the_average_at_its_fraction_of_the_run(small_corpus, tmp_path):
+    # A budgeted run cannot wait for the validation trigger: average_after = 0.5 of 20 steps starts the mean at
+    # step 10, whose weights are the first in it. Validation after that also reads the raw iterate.
+    train(tiny_config(small_corpus, optimizer="ntasgd", average_after=0.5, eval_every=4, max_steps=20, epochs=0,
+                      schedule="constant", nonmono=50), tmp_path / "run")
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    [switch] = [r for r in recs if r["event"] == "averaging"]
+    assert switch["step"] == 10 and "average_after" in switch["trigger"]
+    valid = [r for r in recs if r["event"] == "valid"]
+    assert [r["step"] for r in valid if "raw_valid_ppl" not in r] == [4, 8]
+    after = [r for r in valid if "raw_valid_ppl" in r]
+    assert [r["step"] for r in after] == [12, 16, 20]
+    assert all(r["raw_valid_ppl"] != r["valid_ppl"] for r in after)  # the mean is not the last iterate
+    from wordlm.checkpoint import load_checkpoint
+
+    last = load_checkpoint(tmp_path / "run", prefer="last", train_state=True)
+    assert last.train_state["n_averaged"] == 20 - 10 + 1
+
+
+def test_the_run_fraction_follows_steps_or_the_time_budget():
+    from types import SimpleNamespace
+
+    from wordlm.train import _Loop
+
+    def frac(step, total, elapsed, budget):
+        return _Loop._run_fraction(SimpleNamespace(step=step, total_steps=total, elapsed=elapsed,
+                                                   tc=SimpleNamespace(time_budget_s=budget)))
+
+    assert frac(5, 20, 0.0, 0.0) == 0.25
+    assert frac(5, 1 << 62, 30.0, 120.0) == 0.25  # only a time budget
+    assert frac(5, 10, 30.0, 120.0) == 0.5  # whichever limit is nearer
+    assert frac(1, 10, 90.0, 120.0) == 0.75
 
 
 def test_the_nt_asgd_average_equals_pytorchs_averaged_model(small_corpus, tmp_path, monkeypatch):

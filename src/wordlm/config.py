@@ -120,6 +120,10 @@ class TrainConfig:
     nonmono: int = _opt(5, "ntasgd: start averaging when validation is worse than the best of all but the last "
                         "nonmono validations", min=1)
     average_from_start: bool = _opt(False, "ntasgd: average from the first step (finetuning)")
+    average_after: float = _opt(0.0, "ntasgd: also start averaging once this fraction of the run (of its steps, or "
+                                "of train.time_budget_s) has passed, if validation has not started it sooner (0 = "
+                                "off): in a time budget the validation trigger can come late or never",
+                                min=0.0, max_excl=1.0)
     ar_alpha: float = _opt(0.0, "activation regularisation: alpha * mean(dropped last-layer output^2)", min=0.0)
     tar_beta: float = _opt(0.0, "temporal activation regularisation: beta * mean((h_t - h_{t-1})^2)", min=0.0)
     variable_bptt: bool = _opt(False, "draw each window's length around seq_len (AWD-LSTM), lr scaled by "
@@ -277,6 +281,9 @@ def validate(cfg: Config) -> list[str]:
     if t.cuda_graphs and t.device == "cpu":
         problems.append("train.cuda_graphs needs a CUDA device, but train.device is cpu: set train.cuda_graphs = "
                         "false")
+    if t.average_after and t.optimizer != "ntasgd":
+        problems.append(f"train.average_after averages the iterates of NT-ASGD, but train.optimizer is "
+                        f"{t.optimizer!r}: set train.optimizer = \"ntasgd\" or train.average_after = 0")
     if t.lr > 0 and t.min_lr > t.lr:  # a bad lr is reported once, above
         problems.append(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
     return problems

@@ -589,6 +589,12 @@ class _Loop:
             nll, n = total_nll(self.eval_model, self.valid_streams, self.tc.seq_len, self.tc.precision)
         self._tick()  # the result is known now (total_nll read it to the host): time to a target counts to here
         loss = nll / n
+        known = self.elapsed
+        raw = {}
+        if self.averaged is not None:  # what the average buys: the trained weights themselves, read the same way
+            raw_nll, raw_n = total_nll(self.model, self.valid_streams, self.tc.seq_len, self.tc.precision)
+            raw = {"raw_valid_ppl": _ppl(raw_nll / raw_n)}
+            self._tick()
         switch = (self.tc.optimizer == "ntasgd" and self.averaged is None
                   and should_average(self.valid_history + [loss], self.tc.nonmono))
         self.valid_history.append(loss)
@@ -601,15 +607,23 @@ class _Loop:
         self.last_eval_step = self.step
         self.metrics.write({"event": "valid", "step": self.step, "epoch": self._epoch_float(),
                             "tokens": self.tokens, "valid_loss": loss, "valid_ppl": _ppl(loss),
-                            "best_valid_ppl": _ppl(self.best), "lr": self.schedule.at_step(self.step, started),
-                            "elapsed_s": round(self.elapsed, 3), "valid_s": round(self.elapsed - started, 4)})
+                            **raw, "best_valid_ppl": _ppl(self.best), "lr": self.schedule.at_step(self.step, started),
+                            "elapsed_s": round(known, 3), "valid_s": round(known - started, 4)})
         if improved:
             self._save("best", loss)
         if switch:
             self._start_averaging()
-            self.metrics.write({"event": "averaging", "step": self.step, "epoch": self._epoch_float()})
+            self.metrics.write({"event": "averaging", "step": self.step, "epoch": self._epoch_float(),
+                                "trigger": f"validation (train.nonmono = {self.tc.nonmono})"})
         self._save("last", loss)
         return loss, improved
+
+    def _run_fraction(self) -> float:
+        """How much of the run has passed: of its steps, or of its time budget, whichever is further on."""
+        done = self.step / self.total_steps if self.total_steps < 1 << 62 else 0.0
+        if self.tc.time_budget_s:
+            done = max(done, self.elapsed / self.tc.time_budget_s)
+        return done
 
     def _epoch_float(self) -> float:
         return round(self.epoch + self.row / max(1, self.train_streams.rows - 1), 4)
@@ -675,6 +689,10 @@ class _Loop:
                 self.row += x.shape[0]
                 self.tokens += x.numel() * self.dist.world
                 self.steps_since_record += 1
+                if self.averaged is None and tc.average_after and self._run_fraction() >= tc.average_after:
+                    self._start_averaging()  # the budget's trigger: this step's weights are the first in the mean
+                    self.metrics.write({"event": "averaging", "step": self.step, "epoch": self._epoch_float(),
+                                        "trigger": f"train.average_after = {tc.average_after:g}"})
                 if self.averaged is not None:
                     self._update_average()  # a skipped step leaves the weights as they were
                 bar.update(1)
