@@ -149,6 +149,24 @@ def test_cuda_graphs_record_the_awd_recipe(small_corpus, tmp_path):
     assert train(cfg, tmp_path / "run").best_valid_ppl < 18
 
 
+def test_cuda_graphs_with_budgeted_nt_asgd_read_the_average_and_the_raw_iterate(small_corpus, tmp_path):
+    # The AWD recipe recorded, NT-ASGD averaging from half-way (train.average_after): validation replays the
+    # average's recording and reads the raw iterate eagerly beside it; both must be sane and differ.
+    import json
+    import math
+
+    from wordlm.train import train
+
+    cfg = awd_like_config(small_corpus, device="cuda", precision="bf16", cuda_graphs=True, optimizer="ntasgd",
+                          average_after=0.5, nonmono=50, schedule="constant", eval_every=10)
+    result = train(cfg, tmp_path / "run")
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    after = [r for r in recs if r["event"] == "valid" and "raw_valid_ppl" in r]
+    assert [r["trigger"] for r in recs if r["event"] == "averaging"] == ["train.average_after = 0.5"]
+    assert after and all(math.isfinite(r["raw_valid_ppl"]) and r["raw_valid_ppl"] != r["valid_ppl"] for r in after)
+    assert result.best_valid_ppl < 18
+
+
 @pytest.mark.parametrize("knob", MASKS)
 def test_cuda_graphs_replays_draw_fresh_dropout_masks(knob):
     # A recorded step must regularise like eager steps: every mask (nn.Dropout, whole-word embedding dropout,

@@ -11,7 +11,7 @@ from wordlm.config import ModelConfig
 from wordlm.model import LSTMLanguageModel
 from wordlm.train import should_average, train
 
-from conftest import tiny_config
+from conftest import awd_like_config, tiny_config
 
 BASE = {"embedding_size": 16, "hidden_size": 16, "num_layers": 3}
 KNOBS = ["dropout_embedding", "dropout_input", "dropout_hidden", "dropout_output", "weight_drop", "dropout"]
@@ -130,6 +130,19 @@ def test_average_after_starts_the_average_at_its_fraction_of_the_run(small_corpu
 
     last = load_checkpoint(tmp_path / "run", prefer="last", train_state=True)
     assert last.train_state["n_averaged"] == 20 - 10 + 1
+
+
+def test_average_after_starts_mid_run_with_the_awd_recipe(small_corpus, tmp_path):
+    # Between two training steps the model holds the last forward's AR/TAR term, which a deep copy of the live
+    # model (what AveragedModel makes) cannot copy: the switch must work there, with every regulariser on.
+    cfg = awd_like_config(small_corpus, optimizer="ntasgd", average_after=0.5, nonmono=50, schedule="constant",
+                          eval_every=10)
+    result = train(cfg, tmp_path / "run")
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    [switch] = [r for r in recs if r["event"] == "averaging"]
+    assert switch["step"] == (result.steps + 1) // 2
+    assert all("raw_valid_ppl" in r for r in recs if r["event"] == "valid" and r["step"] > switch["step"])
+    assert result.best_valid_ppl < 18  # as without averaging (15.1)
 
 
 def test_the_run_fraction_follows_steps_or_the_time_budget():

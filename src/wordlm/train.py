@@ -565,7 +565,11 @@ class _Loop:
 
     # --- the loop ------------------------------------------------------------------------------------------
     def _start_averaging(self) -> None:
-        self.averaged = torch.optim.swa_utils.AveragedModel(self.model, use_buffers=True)
+        # AveragedModel deep-copies the module it is given. Mid-run the live model holds the last forward's
+        # tensors (the AR/TAR term), which cannot be deep-copied, so it is given a fresh model with the weights.
+        fresh = build_model(self.cfg.model, self.tokenizer.vocab_size, self.device)
+        fresh.load_state_dict(self.model.state_dict())
+        self.averaged = torch.optim.swa_utils.AveragedModel(fresh, use_buffers=True)
         self.n_averaged = 0
         self._avg_pairs = ([t.detach() for t in (*self.averaged.module.parameters(), *self.averaged.module.buffers())],
                            [t.detach() for t in (*self.model.parameters(), *self.model.buffers())])
