@@ -24,10 +24,11 @@
 #           and overfit after 132 epochs; a smaller batch buys more steps per epoch if a step gets cheaper.
 #           It suggests the smallest batch with at least 0.7 of batch 80's tokens/s; AWD_BATCH=auto makes the
 #           awd part in the same call train at it (AWD_BATCH=N: at N);
-#   awd:    configs/ptb-awd-gpu.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT), not in the default
-#           parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe (the shipped one, batch 80 with
-#           a cosine schedule, overfit on an H100: test 68.34, docs/RESULTS.md); AWD_CONFIG=configs/ptb-awd.toml
-#           runs the paper's recipe instead (batch 20, fp32, constant lr, NT-ASGD), stopped by the same budget.
+#   awd:    configs/ptb-awd-gpu-asgd.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT: constant lr
+#           30, NT-ASGD averaging from half-way at the latest; not run yet), not in the default parts: it fills a
+#           call. AWD_SETS="--set k=v ..." changes the recipe; AWD_CONFIG=configs/ptb-awd-gpu.toml runs the
+#           cosine recipe without averaging (overfit on an H100: test 68.34, docs/RESULTS.md) and
+#           AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32), stopped by the same budget.
 #   wt2:    configs/wt2-medium.toml on WikiText-2 (DATA_WT2, default ../shared/data/wikitext-2; on a lent
 #           machine cp -r ../shared/data/wikitext-2 .gpu_data/ and DATA_WT2=.gpu_data/wikitext-2), the paper's
 #           recipe with train.cuda_graphs, stopped by what is left of LIMIT (not in the default parts);
@@ -162,7 +163,7 @@ train.batch_size=96 train.eval_every=1380;model.weight_drop=0.2;train.ar_alpha=1
 fi
 if part awdbatch; then  # the AWD model's ms per step at batch 20/40/80: how many steps each buys in the budget
     say "the AWD model's step time by batch size (benchmarks/gpu.py --batch-sweep)"
-    timeout 150 python3 benchmarks/gpu.py --data "$DATA" --config "${AWD_CONFIG:-configs/ptb-awd-gpu.toml}" \
+    timeout 150 python3 benchmarks/gpu.py --data "$DATA" --config "${AWD_CONFIG:-configs/ptb-awd-gpu-asgd.toml}" \
         --batch-sweep "${AWD_BATCHES:-20,40,80}" --steps 120 --set "train.cuda_graphs=$GRAPHS" ${BENCH_SETS:-} 2>&1 \
         | grep -e '^|' -e '^#' -e '^(' -e '^suggested' | tee -a "$LOG" | tee "$OUT/awdbatch.txt"
 fi
@@ -182,7 +183,7 @@ if part awd; then  # the config's 540 s budget, or what is left of LIMIT
     if [ "$left" -lt 30 ]; then
         say "no time left for the AWD run ($left s)"
     else
-        run_and_test awd-gpu $(( left + 30 )) "${AWD_CONFIG:-configs/ptb-awd-gpu.toml}" \
+        run_and_test awd-gpu $(( left + 30 )) "${AWD_CONFIG:-configs/ptb-awd-gpu-asgd.toml}" \
             --set "train.time_budget_s=$left" --set "train.cuda_graphs=$GRAPHS" "${batch[@]}" ${AWD_SETS:-}
     fi
 fi

@@ -63,6 +63,21 @@ def test_gpu_session_fast_part_trains_the_60s_recipe_per_seed(tmp_path):
     assert (out / "metrics-fast60-seed7.jsonl").exists()
 
 
+def test_gpu_session_awd_part_trains_the_averaging_recipe(tmp_path):
+    # The next AWD attempt (configs/ptb-awd-gpu-asgd.toml) for what LIMIT leaves (AWD_SETS, last on the command
+    # line, cuts it to 4 s of a tiny model here): NT-ASGD's average must start, and the test pass must follow.
+    out = tmp_path / "out"
+    run(["bash", "scripts/gpu_session.sh"], PARTS="awd", GRAPHS="false", DATA=str(ROOT / "data" / "tiny"),
+        OUT=str(out), RUNS=str(tmp_path / "runs"), LIMIT="80", AWD_SETS="--set train.time_budget_s=4",
+        EXTRA=" ".join(["--set train.device=cpu", *AWD_SMALL, "--set train.batch_size=4"]))
+    log = (out / "session.log").read_text()
+    assert "train awd-gpu (configs/ptb-awd-gpu-asgd.toml --set train.time_budget_s=" in log
+    assert '"tokens": 5623' in log, log
+    recs = (out / "metrics-awd-gpu.jsonl").read_text()
+    assert '"trigger": "train.average_after = 0.5"' in recs or '"trigger": "validation' in recs
+    assert '"raw_valid_ppl"' in recs
+
+
 def test_suggested_batch_is_the_smallest_keeping_70_percent_of_the_throughput():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
