@@ -25,7 +25,7 @@
 #           It suggests the smallest batch with at least 0.7 of batch 80's tokens/s; AWD_BATCH=auto makes the
 #           awd part in the same call train at it (AWD_BATCH=N: at N);
 #   awd:    configs/ptb-awd-gpu-asgd.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT: constant lr
-#           30, NT-ASGD averaging from half-way at the latest; not run yet), not in the default parts: it fills a
+#           30, NT-ASGD averaging from 70% of it at the latest; not run yet), not in the default parts: it fills a
 #           call. AWD_SETS="--set k=v ..." changes the recipe; AWD_CONFIG=configs/ptb-awd-gpu.toml runs the
 #           cosine recipe without averaging (overfit on an H100: test 68.34, docs/RESULTS.md) and
 #           AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32), stopped by the same budget.

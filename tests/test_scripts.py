@@ -74,7 +74,7 @@ def test_gpu_session_awd_part_trains_the_averaging_recipe(tmp_path):
     assert "train awd-gpu (configs/ptb-awd-gpu-asgd.toml --set train.time_budget_s=" in log
     assert '"tokens": 5623' in log, log
     recs = (out / "metrics-awd-gpu.jsonl").read_text()
-    assert '"trigger": "train.average_after = 0.5"' in recs or '"trigger": "validation' in recs
+    assert '"trigger": "train.average_after = 0.7"' in recs or '"trigger": "validation' in recs
     assert '"raw_valid_ppl"' in recs
 
 
