@@ -48,6 +48,23 @@ def test_two_process_gloo_training_agrees_and_writes_one_checkpoint(small_corpus
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_two_processes_start_a_budgeted_average_together(small_corpus, tmp_path):
+    # train.average_after in a time budget: each rank's clock passes the fraction at its own step, so the ranks
+    # agree on the step (at a log interval); one that started alone would validate another average.
+    cfg = tiny_config(small_corpus, epochs=0, time_budget_s=3.0, log_every=2, eval_every=6, optimizer="ntasgd",
+                      average_after=0.5, nonmono=1000, schedule="constant")
+    path = tmp_path / "tiny.toml"
+    path.write_text(cfg.to_toml())
+    out = tmp_path / "run"
+    proc = torchrun(HERE / "ddp_worker.py", path, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "ddp_check.json").read_text())["same_weights"]
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    [switch] = [r for r in recs if r["event"] == "averaging"]
+    assert switch["step"] % 2 == 0 and "average_after" in switch["trigger"]
+    assert load_checkpoint(out, prefer="last", train_state=True).train_state["n_averaged"] > 0
+
+
 def test_nproc_flag_wraps_torchrun(small_corpus, tmp_path):
     cfg = tiny_config(small_corpus, max_steps=6)
     path = tmp_path / "tiny.toml"

@@ -693,10 +693,14 @@ class _Loop:
                 self.row += x.shape[0]
                 self.tokens += x.numel() * self.dist.world
                 self.steps_since_record += 1
-                if self.averaged is None and tc.average_after and self._run_fraction() >= tc.average_after:
-                    self._start_averaging()  # the budget's trigger: this step's weights are the first in the mean
-                    self.metrics.write({"event": "averaging", "step": self.step, "epoch": self._epoch_float(),
-                                        "trigger": f"train.average_after = {tc.average_after:g}"})
+                if self.averaged is None and tc.average_after:
+                    due = self._run_fraction() >= tc.average_after
+                    if self.dist.world > 1:  # each rank's clock differs: all start at the same step, or their
+                        due = self.step % tc.log_every == 0 and self.dist.any(due)  # validations would differ
+                    if due:
+                        self._start_averaging()  # the budget's trigger: this step's weights are first in the mean
+                        self.metrics.write({"event": "averaging", "step": self.step, "epoch": self._epoch_float(),
+                                            "trigger": f"train.average_after = {tc.average_after:g}"})
                 if self.averaged is not None:
                     self._update_average()  # a skipped step leaves the weights as they were
                 bar.update(1)
