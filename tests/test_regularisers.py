@@ -88,16 +88,24 @@ def test_ar_tar_add_a_term_in_training_only():
 
 
 def test_nt_asgd_trigger_on_scripted_validations():
-    # Non-monotone: the newest loss must be worse than the best from before the last `nonmono` validations.
+    # Non-monotone, as AWD-LSTM's code: the newest loss must be worse than the best of the losses before it,
+    # leaving out the `nonmono` just before it.
     assert not should_average([5.0, 4.0, 3.9], nonmono=2)
     assert not should_average([5.0, 4.0, 3.9, 3.95], nonmono=2)  # worse than 3.9, but 3.9 is too recent
-    assert should_average([5.0, 4.0, 3.9, 3.95, 4.1], nonmono=2)  # worse than min(5.0, 4.0, 3.9)
-    assert should_average([5.0, 4.0, 4.2], nonmono=1)
+    assert not should_average([5.0, 4.0, 3.9, 3.95, 3.98], nonmono=2)  # 3.9 is still one of the 2 left out
+    assert should_average([5.0, 4.0, 3.9, 3.95, 4.1], nonmono=2)  # worse than min(5.0, 4.0)
+    assert not should_average([5.0, 4.0, 4.2], nonmono=1)  # one bad evaluation does not switch
+    assert should_average([5.0, 4.0, 4.2, 4.3], nonmono=1)  # worse than min(5.0, 4.0)
+    # the paper's nonmono = 5: the first possible switch is at the 7th validation
+    assert not should_average([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], nonmono=5)
+    assert should_average([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], nonmono=5)
 
 
 def test_nt_asgd_switches_when_expected_in_training(small_corpus, tmp_path, monkeypatch):
-    # the switch is due at the 5th validation; after it each validation reads the average and the raw iterate
-    scripted = itertools.chain([3.0, 2.5, 2.4, 2.45, 2.6], itertools.repeat(2.3))
+    # The switch is due at the 6th validation (2.6 > min(3.0, 2.5, 2.4)), not at the 5th: 2.48 is worse than
+    # 2.4, but 2.4 is one of the two validations just before it. After the switch each validation reads the
+    # average and the raw iterate.
+    scripted = itertools.chain([3.0, 2.5, 2.4, 2.45, 2.48, 2.6], itertools.repeat(2.3))
     import wordlm.train as train_module
 
     monkeypatch.setattr(train_module, "total_nll", lambda *a, **k: (next(scripted) * 100, 100))
@@ -105,11 +113,11 @@ def test_nt_asgd_switches_when_expected_in_training(small_corpus, tmp_path, monk
                       schedule="constant"), tmp_path / "run")
     recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     valid_steps = [r["step"] for r in recs if r["event"] == "valid"]
-    assert [r["step"] for r in recs if r["event"] == "averaging"] == [valid_steps[4]] == [15]
+    assert [r["step"] for r in recs if r["event"] == "averaging"] == [valid_steps[5]] == [18]
     from wordlm.checkpoint import load_checkpoint
 
     last = load_checkpoint(tmp_path / "run", prefer="last", train_state=True)
-    assert last.train_state["n_averaged"] == 24 - 15  # every step after the switch
+    assert last.train_state["n_averaged"] == 24 - 18  # every step after the switch
     assert not torch.equal(last.train_state["raw_model"]["decoder.weight"], last.model_state["decoder.weight"])
 
 

@@ -117,8 +117,8 @@ class TrainConfig:
     skip_nonfinite: bool = _opt(True, "skip steps whose loss or gradient is NaN/inf (decided on the device: no "
                                 "host sync)")
     max_nonfinite: int = _opt(5, "stop after this many non-finite steps in a row", min=1)
-    nonmono: int = _opt(5, "ntasgd: start averaging when validation is worse than the best of all but the last "
-                        "nonmono validations", min=1)
+    nonmono: int = _opt(5, "ntasgd: start averaging when a validation is worse than the best of those before "
+                        "it, leaving out the nonmono just before it", min=1)
     average_from_start: bool = _opt(False, "ntasgd: average from the first step (finetuning)")
     average_after: float = _opt(0.0, "ntasgd: also start averaging once this fraction of the run (of its steps, or "
                                 "of train.time_budget_s) has passed, if validation has not started it sooner (0 = "

@@ -233,9 +233,12 @@ class Distributed:
 
 
 def should_average(history: list[float], nonmono: int) -> bool:
-    """NT-ASGD's trigger: the newest validation loss is worse than the best one from before the last
-    `nonmono` validations (a non-monotone criterion, so a single bad evaluation does not switch)."""
-    return len(history) > nonmono and history[-1] > min(history[:-nonmono])
+    """NT-ASGD's trigger on the validation losses so far, the newest last: the newest is worse than the best
+    of those before it, leaving out the `nonmono` just before it (a non-monotone criterion, so one bad
+    evaluation does not switch). As the AWD-LSTM paper's Algorithm 1 and code: the first possible switch is
+    at validation nonmono + 2."""
+    before, newest = history[:-1], history[-1]
+    return len(before) > nonmono and newest > min(before[:-nonmono])
 
 
 def _has_run(out: Path) -> bool:
