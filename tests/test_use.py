@@ -256,6 +256,41 @@ def test_dynamic_evaluation_with_lr_0_equals_static_exactly(lm):
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))  # restored
 
 
+def test_dynamic_evaluation_takes_krause_et_al_s_step(lm):
+    # Krause et al. (2018), RMS with a global prior: both terms of an update read the weights before it,
+    #   theta <- theta + min(1, decay * rms / mean(rms)) * (theta0 - theta) - lr * g / (rms + eps).
+    # Three windows, so that the third is scored after two updates (the first starts at theta0, where the pull
+    # is zero); with decay 0.5 the pull applied after the step instead reads 0.5% apart.
+    import copy
+
+    from wordlm.data import Streams, encode_file
+    from wordlm.evaluate import dynamic_total_nll, gradient_ms
+
+    split = encode_file(ROOT / "data" / "tiny" / "valid.txt", lm.tokenizer)
+    streams = Streams(split.ids[:16], 1)  # targets 1..15: windows at rows 0, 5 and 10
+    ms = gradient_ms(lm.model, Streams(split.ids, 1), 5, windows=20)
+    lr, decay, eps = 3e-3, 0.5, 1e-5
+    got, n = dynamic_total_nll(lm.model, streams, 5, lr, decay, ms, eps)
+
+    model = copy.deepcopy(lm.model).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    theta0 = [p.detach().clone() for p in params]
+    rms = [m.sqrt() for m in ms]
+    mean_rms = torch.cat([r.flatten() for r in rms]).mean()
+    state, want, windows = model.init_state(1), 0.0, 0
+    for row in range(0, streams.rows - 1, 5):
+        x, y = streams.window(row, 5)
+        nll, state = model(x, (state[0].detach(), state[1].detach()), y)
+        want += nll.double().sum().item()
+        grads = torch.autograd.grad(nll.mean(), params)
+        with torch.no_grad():
+            for p, g, p0, r in zip(params, grads, theta0, rms, strict=True):
+                p += torch.clamp(decay * r / mean_rms, max=1.0) * (p0 - p) - lr * g / (r + eps)
+        windows += 1
+    assert windows == 3 and n == 15
+    assert got == pytest.approx(want, rel=1e-6)
+
+
 def test_dynamic_evaluation_cli_chooses_by_grid(demo_run):
     r = CliRunner().invoke(app, ["eval", str(demo_run), "--split", "test", "--dynamic", "--dyn-lambda", "0",
                                  "--json"])

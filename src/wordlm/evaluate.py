@@ -98,8 +98,11 @@ def dynamic_total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int, 
 
     Each window is scored first, then one step is taken on its loss:
         theta <- theta - lr * g / (sqrt(MS) + eps) + min(1, decay * rms / mean(rms)) * (theta0 - theta)
-    where rms = sqrt(MS) from `gradient_ms` on training text, and theta0 are the trained weights: updates are
-    RMS-normalised, and a decay proportional to each weight's gradient scale pulls it back to the trained value.
+    where rms = sqrt(MS) from `gradient_ms` on training text and theta0 are the trained weights; both terms read
+    theta before the update, as in Krause et al.'s code. Updates are RMS-normalised, and a decay proportional to
+    each weight's gradient scale pulls it back to the trained value. mean(rms) is over every weight; that code
+    divides by the sum, over weight tensors, of each tensor's mean instead, so a lambda taken from it decays
+    more here, by about the number of weight tensors.
     The model's weights are restored afterwards. With lr = 0 this is exactly static evaluation.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -123,10 +126,10 @@ def dynamic_total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int, 
                 if not adapt:
                     continue
                 grads = torch.autograd.grad(nll.mean(), params)
-                with torch.no_grad():  # one fused multiply-add per weight, then the pull as an interpolation
-                    torch._foreach_addcmul_(params, grads, inv, value=-lr)
-                    if pull is not None:
+                with torch.no_grad():  # the pull as an interpolation, then one fused multiply-add per weight:
+                    if pull is not None:  # both terms read theta before this update, as in the formula above
                         torch._foreach_lerp_(params, theta0, pull)  # theta + pull * (theta0 - theta)
+                    torch._foreach_addcmul_(params, grads, inv, value=-lr)
     finally:
         with torch.no_grad():
             for p, p0 in zip(params, theta0, strict=True):
