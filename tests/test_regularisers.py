@@ -121,6 +121,28 @@ def test_nt_asgd_switches_when_expected_in_training(small_corpus, tmp_path, monk
     assert not torch.equal(last.train_state["raw_model"]["decoder.weight"], last.model_state["decoder.weight"])
 
 
+@pytest.mark.parametrize("stop", [True, False])
+def test_stop_nonmono_ends_training_at_awd_lstms_test(small_corpus, tmp_path, monkeypatch, stop):
+    # AWD-LSTM's finetuning averages from its first step and ends at the same non-monotone test that starts the
+    # average in training: on these validations at the 6th, not at the 5th. (Each validation reads the average,
+    # then the raw iterate: 9.9 is the raw one's, which the test leaves aside.)
+    averaged = itertools.chain([3.0, 2.5, 2.4, 2.45, 2.48, 2.6], itertools.repeat(2.3))
+    scripted = itertools.chain.from_iterable((a, 9.9) for a in averaged)
+    import wordlm.train as train_module
+
+    monkeypatch.setattr(train_module, "total_nll", lambda *a, **k: (next(scripted) * 100, 100))
+    result = train(tiny_config(small_corpus, optimizer="ntasgd", average_from_start=True, stop_nonmono=stop,
+                               nonmono=2, eval_every=3, max_steps=30, epochs=0, schedule="constant"),
+                   tmp_path / "run")
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    valid_steps = [r["step"] for r in recs if r["event"] == "valid"]
+    if stop:
+        assert result.steps == 18 and valid_steps == [3, 6, 9, 12, 15, 18]
+        assert result.stop_reason == "early stop: validation worse than the best before the last 2 (train.stop_nonmono)"
+    else:
+        assert result.steps == 30 and valid_steps[-1] == 30 and result.stop_reason == "finished"
+
+
 def test_average_after_starts_the_average_at_its_fraction_of_the_run(small_corpus, tmp_path):
     # A budgeted run cannot wait for the validation trigger: average_after = 0.5 of 20 steps starts the mean at
     # step 10, whose weights are the first in it. Validation after that also reads the raw iterate.
@@ -223,6 +245,7 @@ def test_finetune_starts_from_the_weights_with_averaging(small_corpus, tmp_path)
     assert r.exit_code == 0, r.output
     ft = load_checkpoint(tmp_path / "ft", prefer="last", train_state=True)
     assert ft.config.train.optimizer == "ntasgd" and ft.train_state["n_averaged"] == ft.meta["step"]
+    assert ft.config.train.stop_nonmono  # it ends when validation stalls, as AWD-LSTM's finetune.py does
     recs = (tmp_path / "ft" / "metrics.jsonl").read_text()
     base_best = load_checkpoint(tmp_path / "base").meta["valid_loss"]
     first_valid = json.loads([ln for ln in recs.splitlines() if '"valid"' in ln][0])["valid_loss"]

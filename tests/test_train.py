@@ -69,6 +69,19 @@ def test_refuses_to_overwrite_a_run_without_being_asked(small_corpus, tmp_path):
     train(cfg, tmp_path / "run", overwrite=True)
 
 
+def test_patience_stops_after_that_many_validations_without_improvement(small_corpus, tmp_path, monkeypatch):
+    import itertools
+
+    import wordlm.train as train_module
+
+    scripted = itertools.chain([3.0, 2.5, 2.6, 2.4, 2.45, 2.5], itertools.repeat(2.0))  # the 4th improves
+    monkeypatch.setattr(train_module, "total_nll", lambda *a, **k: (next(scripted) * 100, 100))
+    result = train(tiny_config(small_corpus, patience=2, eval_every=3, max_steps=30, epochs=0), tmp_path / "run")
+    assert result.steps == 18  # the 5th and 6th validations did not improve on 2.4
+    assert result.stop_reason == "early stop: 2 validations without improvement (train.patience)"
+    assert load_checkpoint(tmp_path / "run").meta["valid_loss"] == pytest.approx(2.4)
+
+
 def test_schedules():
     step = Schedule(TrainConfig(schedule="step", lr=1.0, lr_decay=0.5, decay_start_epoch=5), 100)
     lrs = []

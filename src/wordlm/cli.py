@@ -178,14 +178,15 @@ def finetune(
     progress: Annotated[bool | None, typer.Option(help="progress bar (default: when stderr is a terminal)")]
     = None,
 ) -> None:
-    """Continue from a run's best weights with a fresh NT-ASGD that averages from the first step (AWD-LSTM)."""
+    """Continue from a run's best weights with a fresh NT-ASGD that averages from the first step, until validation
+    stops improving (AWD-LSTM's finetuning: train.stop_nonmono)."""
     from .checkpoint import load_checkpoint
     from .config import Config, parse_override
     from .train import train as run_training
 
     ck = load_checkpoint(run)
     raw = ck.config.to_dict()
-    raw["train"].update(optimizer="ntasgd", average_from_start=True, schedule="constant")
+    raw["train"].update(optimizer="ntasgd", average_from_start=True, schedule="constant", stop_nonmono=True)
     for item in set_ or []:
         section, name, value = parse_override(item)
         raw.setdefault(section, {})[name] = value

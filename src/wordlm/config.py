@@ -120,6 +120,9 @@ class TrainConfig:
     nonmono: int = _opt(5, "ntasgd: start averaging when a validation is worse than the best of those before "
                         "it, leaving out the nonmono just before it", min=1)
     average_from_start: bool = _opt(False, "ntasgd: average from the first step (finetuning)")
+    stop_nonmono: bool = _opt(False, "stop when a validation is worse than the best of those before it, leaving "
+                              "out the train.nonmono just before it: how AWD-LSTM's finetuning ends (wordlm "
+                              "finetune sets it)")
     average_after: float = _opt(0.0, "ntasgd: also start averaging once this fraction of the run (of its steps, or "
                                 "of train.time_budget_s) has passed, if validation has not started it sooner (0 = "
                                 "off): in a time budget the validation trigger can come late or never",

@@ -448,6 +448,7 @@ class _Loop:
         self.averaged: torch.optim.swa_utils.AveragedModel | None = None
         self.n_averaged = 0  # iterates in the average, counted on the host (see _update_average)
         self.valid_history: list[float] = []
+        self.nonmono_stop = False  # set by each validation under train.stop_nonmono
         self.windows_per_epoch = train_streams.num_windows(tc.seq_len)
         by_epochs = tc.epochs * self.windows_per_epoch if tc.epochs else None
         self.total_steps = min((x for x in (by_epochs, tc.max_steps or None) if x is not None),
@@ -602,8 +603,9 @@ class _Loop:
             raw_nll, raw_n = total_nll(self.model, self.valid_streams, self.tc.seq_len, self.tc.precision)
             raw = {"raw_valid_ppl": _ppl(raw_nll / raw_n)}
             self._tick()
-        switch = (self.tc.optimizer == "ntasgd" and self.averaged is None
-                  and should_average(self.valid_history + [loss], self.tc.nonmono))
+        nonmono = should_average(self.valid_history + [loss], self.tc.nonmono)  # AWD-LSTM's non-monotone test
+        switch = self.tc.optimizer == "ntasgd" and self.averaged is None and nonmono
+        self.nonmono_stop = self.tc.stop_nonmono and nonmono
         self.valid_history.append(loss)
         improved = loss < self.best
         if improved:
@@ -671,8 +673,8 @@ class _Loop:
                     self.epoch += 1
                     self.row = 0
                     self._set_state(model.init_state(tc.batch_size))
-                    if tc.eval_every == 0 and self._validate_then_stop():
-                        stop_reason = "early stop: validation stopped improving"
+                    if tc.eval_every == 0 and (why := self._validate_then_stop()):
+                        stop_reason = why
                         break
                     self.schedule.start_epoch(self.epoch + 1)
                 if tc.time_budget_s:
@@ -725,8 +727,8 @@ class _Loop:
                         self.steps_since_record = self.skipped_since_record = 0
                         t_log, tokens_log, self.paused_s = now, self.tokens, 0.0
                 if tc.eval_every and self.step % tc.eval_every == 0:
-                    if self._validate_then_stop():
-                        stop_reason = "early stop: validation stopped improving"
+                    if why := self._validate_then_stop():
+                        stop_reason = why
                         break
                 elif tc.save_every and self.step % tc.save_every == 0:
                     self._read_nonfinite()
@@ -893,14 +895,20 @@ class _Loop:
         self.elapsed += now - self._t_mark
         self._t_mark = now
 
-    def _validate_then_stop(self) -> bool:
-        """Validate (and checkpoint); True when patience says training should stop."""
+    def _validate_then_stop(self) -> str | None:
+        """Validate (and checkpoint); why training should stop here (train.patience or train.stop_nonmono), or
+        None."""
         self._tick()
         self._read_nonfinite()  # a host sync: the steps before it are done, so what follows is validation's time
         paused = time.perf_counter()
         self.validate()
         self.paused_s += time.perf_counter() - paused
-        return bool(self.tc.patience) and self.bad_evals >= self.tc.patience
+        if self.tc.patience and self.bad_evals >= self.tc.patience:
+            return f"early stop: {self.bad_evals} validations without improvement (train.patience)"
+        if self.nonmono_stop:
+            return (f"early stop: validation worse than the best before the last {self.tc.nonmono} "
+                    f"(train.stop_nonmono)")
+        return None
 
 
 def _plain_lr(opt_state: dict) -> dict:
