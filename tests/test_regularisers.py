@@ -246,7 +246,31 @@ def test_finetune_starts_from_the_weights_with_averaging(small_corpus, tmp_path)
     ft = load_checkpoint(tmp_path / "ft", prefer="last", train_state=True)
     assert ft.config.train.optimizer == "ntasgd" and ft.train_state["n_averaged"] == ft.meta["step"]
     assert ft.config.train.stop_nonmono  # it ends when validation stalls, as AWD-LSTM's finetune.py does
-    recs = (tmp_path / "ft" / "metrics.jsonl").read_text()
+    recs = [json.loads(ln) for ln in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    valids = [r for r in recs if r["event"] == "valid"]
     base_best = load_checkpoint(tmp_path / "base").meta["valid_loss"]
-    first_valid = json.loads([ln for ln in recs.splitlines() if '"valid"' in ln][0])["valid_loss"]
-    assert first_valid < base_best + 0.5  # it started from the trained weights, not from scratch (~2.9)
+    # Its first validation reads the weights it starts from: the base run's best, to the last digit.
+    assert valids[0]["step"] == 0 and valids[0]["start"] and valids[0]["valid_loss"] == pytest.approx(base_best)
+    assert len(valids) > 1 and "start" not in valids[1]
+
+
+def test_finetune_keeps_its_starting_weights_as_best_until_it_beats_them(small_corpus, tmp_path, monkeypatch):
+    # AWD-LSTM's finetune.py saves only a validation better than the starting model's. Scripted: the start reads
+    # 2.0, every later average 2.5 (then 9.9 for the raw iterate), so best/ stays the weights it began with.
+    from wordlm.checkpoint import load_checkpoint
+    from wordlm.cli import finetune
+
+    train(tiny_config(small_corpus, epochs=1), tmp_path / "base")
+    import wordlm.train as train_module
+
+    scripted = itertools.chain([2.0], itertools.cycle([2.5, 9.9]))
+    monkeypatch.setattr(train_module, "total_nll", lambda *a, **k: (next(scripted) * 100, 100))
+    finetune(tmp_path / "base", tmp_path / "ft", ["train.epochs=0", "train.max_steps=12", "train.eval_every=4"],
+             progress=False)
+    best = load_checkpoint(tmp_path / "ft")
+    base = load_checkpoint(tmp_path / "base")
+    assert best.meta["step"] == 0 and best.meta["valid_loss"] == 2.0
+    assert all(torch.equal(best.model_state[k], v) for k, v in base.model_state.items())
+    last = load_checkpoint(tmp_path / "ft", prefer="last")
+    assert last.meta["step"] == 12 and not torch.equal(last.model_state["decoder.weight"],
+                                                       base.model_state["decoder.weight"])

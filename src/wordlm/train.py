@@ -459,9 +459,10 @@ class _Loop:
         self.best, self.bad_evals, self.nonfinite_total, self.last_eval_step = math.inf, 0, 0, -1
         self.state = self.model.init_state(tc.batch_size)
         resuming = ckpt is not None and ckpt.train_state is not None
+        self.finetuning = ckpt is not None and not resuming
         if resuming:
             self._restore(ckpt)
-        elif ckpt is not None:  # finetuning: the weights only
+        elif self.finetuning:  # the weights only
             self.model.load_state_dict(ckpt.model_state)
         if tc.optimizer == "ntasgd" and tc.average_from_start and self.averaged is None:
             self._start_averaging()  # after the weights are loaded: the average starts from them
@@ -627,6 +628,20 @@ class _Loop:
         self._save("last", loss)
         return loss, improved
 
+    def _validate_start(self) -> None:
+        """Finetuning starts from a trained model, whose validation loss is the one to beat (AWD-LSTM's
+        finetune.py): best/ never holds weights worse than those finetuning began with. The figure is not part
+        of the history train.nonmono reads, as there. (Eager, also under train.cuda_graphs: one pass.)"""
+        started = self.elapsed
+        nll, n = total_nll(self.eval_model, self.valid_streams, self.tc.seq_len, self.tc.precision)
+        self._tick()
+        self.best = nll / n
+        self.metrics.write({"event": "valid", "step": 0, "epoch": 0.0, "tokens": 0, "valid_loss": self.best,
+                            "valid_ppl": _ppl(self.best), "best_valid_ppl": _ppl(self.best), "start": True,
+                            "lr": self.schedule.at_step(0, started), "elapsed_s": round(self.elapsed, 3),
+                            "valid_s": round(self.elapsed - started, 4)})
+        self._save("best", self.best)
+
     def _run_fraction(self) -> float:
         """How much of the run has passed: of its steps, or of its time budget, whichever is further on."""
         done = self.step / self.total_steps if self.total_steps < 1 << 62 else 0.0
@@ -659,6 +674,9 @@ class _Loop:
         t_log, tokens_log = time.perf_counter(), self.tokens
         self.paused_s = 0.0  # validation and checkpoint time since the last train record: not training throughput
         self._t_mark = time.perf_counter()
+        if self.finetuning and self.step == 0:
+            self._validate_start()
+            self.paused_s += time.perf_counter() - t_log
         stop_reason = "finished"
         if self.row == 0:
             self.schedule.start_epoch(self.epoch + 1)
