@@ -39,10 +39,22 @@ def corpus_paths(vocab: str) -> dict[str, str]:
     return {s: str(d / f"{s}.txt") for s in ("train", "valid", "test")}
 
 
+def cpu_bf16() -> bool:
+    import torch
+
+    from wordlm.evaluate import bf16_supported
+
+    return bf16_supported(torch.device("cpu"))
+
+
 def load_config(vocab: str, overrides: list[str], config: str | None = None):
+    """A shipped config with `overrides`; in fp32 on a CPU without bf16 kernels (the table's header says so)."""
     from wordlm.config import load_config as load
 
-    return load(ROOT / "configs" / (config or CORPORA[vocab][1]), overrides)
+    cfg = load(ROOT / "configs" / (config or CORPORA[vocab][1]), overrides)
+    if cfg.train.precision == "bf16" and not cpu_bf16():
+        cfg.train.precision = "fp32"
+    return cfg
 
 
 def encoded(vocab: str, cfg):
@@ -273,6 +285,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.0, help="seconds of training for the time-to-quality rows")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps < 10:
+        ap.error(f"--steps must be at least 10 (wordlm's rows are read from log records 10 steps apart), "
+                 f"got {args.steps}")
     if args.one:
         print(json.dumps(one(args.one, args)))
         return
@@ -282,6 +297,11 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"# command: python benchmarks/bench.py --steps {args.steps}" + (f" --budget {args.budget:g}"
                                                                             if args.budget else ""))
+    if not cpu_bf16():
+        from wordlm.evaluate import bf16_refusal
+
+        print(f"# bf16 left out: {bf16_refusal()}; the bench configs' rows run in fp32, not as in "
+              f"docs/PERFORMANCE.md")
     if args.budget:
         print(f"\n## validation perplexity after {args.budget:g} s of training (2x200, batch 20, seq 35)\n")
         print("| vocab | plain loop: steps | plain: valid ppl | wordlm: steps | wordlm: valid ppl |")

@@ -43,11 +43,21 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from wordlm.config import load_config  # noqa: E402
 from wordlm.data import Streams, encode_file, iter_lines  # noqa: E402
-from wordlm.evaluate import autocast, total_nll  # noqa: E402
+from wordlm.evaluate import autocast, bf16_refusal, bf16_supported, total_nll  # noqa: E402
 from wordlm.tokenizer import fit_tokenizer  # noqa: E402
 from wordlm.train import train  # noqa: E402
 
 SEQ = 35
+
+
+def precisions(device: torch.device) -> tuple[str, ...]:
+    """fp32 and bf16, or fp32 alone on a CPU without bf16 kernels (a smoke run there; `note` says so)."""
+    return ("fp32", "bf16") if bf16_supported(device) else ("fp32",)
+
+
+def note(device: torch.device) -> str:
+    """The header line that says bf16 was left out, if it was."""
+    return "" if bf16_supported(device) else f"# bf16 left out: {bf16_refusal()}\n"
 
 
 def sync(device: torch.device) -> None:
@@ -189,7 +199,7 @@ def use_rows(config: Path, data: Path, hidden: int, device: torch.device) -> dic
     model = build_model(cfg.model, tok.vocab_size, device).eval()
     streams = Streams(encode_file(data / "valid.txt", tok).ids, 10, device)
     out = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions(device):
         total_nll(model, streams, SEQ, precision)  # warm-up
         sync(device)
         t0 = time.perf_counter()
@@ -229,7 +239,7 @@ def validation_rows(config: Path, data: Path, hidden: int, device: torch.device,
     model = build_model(cfg.model, tok.vocab_size, device)
     streams = Streams(encode_file(data / "valid.txt", tok).ids, 20, device)
     rows = []
-    for precision in ("fp32", "bf16"):
+    for precision in precisions(device):
         recorded = RecordedEvaluation(CudaGraphs() if device.type == "cuda" else _RunAgain())
         for _ in range(2):  # warm-up; the second pass records the window lengths
             total_nll(model, streams, SEQ, precision)
@@ -314,7 +324,7 @@ def main() -> None:
     if args.validation:
         name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
         print(f"# device: {name}; torch {torch.__version__}; validation, {args.hidden}x2, "
-              f"20 streams, windows of {SEQ}\n")
+              f"20 streams, windows of {SEQ}\n{note(device)}")
         print("| precision | tokens | eager pass | recorded pass | eager / recorded | valid ppl eager | recorded |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in validation_rows(args.config, args.data, args.hidden, device):
@@ -327,6 +337,7 @@ def main() -> None:
     print(f"# device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"# command: python benchmarks/gpu.py --data {args.data} --steps {args.steps} --repeat {args.repeat}"
           + (f" --device {args.device} --hidden {args.hidden}" if args.device != "cuda" or args.hidden != 650 else ""))
+    print(note(device), end="")
     cfg = load_config(args.config, [f"data.train={args.data / 'train.txt'}"])
     tok = fit_tokenizer(cfg.tokenizer, lambda: iter_lines(args.data / "train.txt"))
     ids = torch.from_numpy(encode_file(args.data / "train.txt", tok).ids[:].astype("int64"))
@@ -339,9 +350,11 @@ def main() -> None:
     }
     if args.no_graphs or device.type != "cuda":
         del columns["graphs"]
-    rows = []
+    rows, kinds = [], precisions(device)
     with tempfile.TemporaryDirectory() as tmp:
         for batch, precision in ((20, "fp32"), (128, "bf16")):
+            if precision not in kinds:
+                continue
             runs = {name: [] for name in columns}
             for _ in range(args.repeat):
                 for name, measure in columns.items():
@@ -361,9 +374,8 @@ def main() -> None:
         print(f"| {r['batch']} | {r['precision']} | {r['raw']:,.0f} | {r['example']:,.0f} | {r['wordlm']:,.0f} | "
               f"{r['wordlm'] / r['raw']:.2f}x |"
               + (f" {r['graphs']:,.0f} | {r['graphs'] / r['raw']:.2f}x |" if graphs else ""))
-    print(f"\nevaluation (valid, batch 10): {use['eval_fp32_tokens_per_s']:,.0f} tok/s fp32, "
-          f"{use['eval_bf16_tokens_per_s']:,.0f} tok/s bf16; next-token latency (one stream): "
-          f"{use['next_token_ms']:.2f} ms")
+    evals = ", ".join(f"{use[f'eval_{p}_tokens_per_s']:,.0f} tok/s {p}" for p in kinds)
+    print(f"\nevaluation (valid, batch 10): {evals}; next-token latency (one stream): {use['next_token_ms']:.2f} ms")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows, **use}, indent=1))
 

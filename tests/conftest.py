@@ -13,6 +13,17 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "data" / "tiny"
 
 
+def _cpu_bf16() -> bool:
+    from wordlm.evaluate import bf16_supported
+
+    return bf16_supported(torch.device("cpu"))
+
+
+# bf16 on the CPU needs oneDNN's bf16 LSTM kernel (AVX-512 or Arm bf16): an AVX2-only CPU refuses it, and the
+# tests of that refusal (tests/test_cli.py) run on every CPU.
+needs_cpu_bf16 = pytest.mark.skipif(not _cpu_bf16(), reason="this CPU has no bf16 LSTM kernel (AVX2 only)")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
     """Keep the corpus cache of the tests out of the user's ~/.cache."""

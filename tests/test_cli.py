@@ -1,6 +1,7 @@
 """The CLI as a user meets it: exit codes, the exact lines printed, and no tracebacks."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,69 @@ def test_a_bug_still_shows_its_traceback(demo_run, monkeypatch):
     monkeypatch.setattr(LanguageModel, "evaluate", bug)
     r = run("eval", demo_run)
     assert r.exit_code == 1 and isinstance(r.exception, RuntimeError) and "error:" not in r.output
+
+
+def test_the_bf16_check_tells_the_truth_about_this_cpu():
+    """bf16_supported says yes on the CPU exactly when wordlm's own model (two layers, dropout, tied) can take a
+    bf16 autocast step here, forward and backward: on an AVX2-only CPU oneDNN has no bf16 LSTM kernel."""
+    import torch
+
+    from wordlm.config import ModelConfig
+    from wordlm.evaluate import autocast, bf16_supported
+    from wordlm.model import build_model
+
+    model = build_model(ModelConfig(embedding_size=16, hidden_size=16, num_layers=2, dropout=0.2), 30)
+    ids = torch.randint(0, 30, (6, 3))
+    try:
+        with autocast(torch.device("cpu"), "bf16"):
+            loss, _ = model(ids, targets=ids, mean=True)
+        loss.backward()
+        ran = True
+    except RuntimeError as e:
+        assert "LSTM" in str(e), e  # oneDNN's refusal, not some other failure
+        ran = False
+    assert bf16_supported(torch.device("cpu")) == ran
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_is_one_line_and_harms_nothing(demo_run, tmp_path, monkeypatch, caplog):
+    """Where the CPU has no bf16 LSTM kernel (made so here on any CPU), training in bf16 stops with one line and
+    exit 2 before --overwrite clears the run; an asked-for `eval --precision bf16` is refused the same way; a run
+    that trained in bf16 (on a GPU, say) is evaluated in fp32, with a note, giving the fp32 figures."""
+    import shutil
+
+    import torch
+
+    import wordlm.evaluate
+    from wordlm import load
+
+    monkeypatch.setattr(wordlm.evaluate, "_cpu_runs_bf16_lstm", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_run, run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    r = run("train", "--config", ROOT / "configs" / "demo.toml", "--set", "train.precision=bf16",
+            "--set", "train.device=cpu", "--out", run_dir, "--overwrite")
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [
+        "error: train.precision is bf16, but this CPU (AVX2) has no bf16 LSTM kernel (oneDNN's needs AVX-512 or "
+        "Arm bf16): set train.precision = \"fp32\""]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+    r = run("eval", run_dir, "--device", "cpu", "--precision", "bf16")
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [
+        "error: --precision bf16, but this CPU (AVX2) has no bf16 LSTM kernel (oneDNN's needs AVX-512 or Arm bf16): "
+        "use --precision fp32"]
+
+    lm = load(run_dir)
+    text = ROOT / "data" / "tiny" / "valid.txt"
+    fp32 = lm.evaluate(text, precision="fp32")
+    lm.config.train.precision = "bf16"  # as if it had trained in bf16
+    logger = logging.getLogger("wordlm")  # the CLI's callback stops it propagating to caplog's root handler
+    logger.addHandler(caplog.handler)
+    try:
+        assert lm.evaluate(text) == fp32
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "the run trained in bf16, but this CPU (AVX2) has no bf16 LSTM kernel" in caplog.text
+    assert caplog.text.rstrip().endswith("evaluating in fp32")

@@ -11,7 +11,7 @@ from wordlm.config import Config, TrainConfig
 from wordlm.errors import ConfigError
 from wordlm.train import Schedule, train
 
-from conftest import tiny_config, train_until_sigint, write_lines
+from conftest import needs_cpu_bf16, tiny_config, train_until_sigint, write_lines
 
 TIMING = ("tokens_per_s", "elapsed_s", "peak_mem_mb")  # measured, not replayed by a resume
 
@@ -209,6 +209,7 @@ def test_learns_a_markov_chain_to_its_true_perplexity(tmp_path):
     assert measured > truth * 0.97  # a model cannot beat the source: far below would mean a leak
 
 
+@needs_cpu_bf16
 def test_bf16_autocast_reaches_the_same_perplexity_as_fp32(small_corpus, tmp_path):
     args = {"epochs": 4, "optimizer": "adamw", "lr": 0.02}
     fp32 = train(tiny_config(small_corpus, **args), tmp_path / "fp32")

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from wordlm import load
 from wordlm.cli import app
 
+from conftest import needs_cpu_bf16
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -361,6 +363,7 @@ def test_evaluation_windows_change_speed_not_figures(lm):
         assert default["total_nll"] == pytest.approx(short["total_nll"], rel=1e-9)
 
 
+@needs_cpu_bf16
 def test_eval_precision_defaults_to_the_runs_and_can_be_chosen(demo_run, lm):
     """`wordlm eval --precision`: the run's train.precision unless told (the demo trains in fp32); bf16 autocast
     reads close to fp32 but not bit for bit, so the figure says which it is."""

@@ -22,7 +22,7 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .data import Streams, encode_file
 from .errors import UsageError
-from .evaluate import eval_window, report, total_nll
+from .evaluate import bf16_refusal, bf16_supported, eval_window, report, total_nll
 from .generate import check_sampling, continue_ids, read_context
 from .model import build_model, num_parameters, resolve_device
 from .tokenizer import Tokenizer
@@ -95,9 +95,15 @@ class LanguageModel:
         window from Python. `precision`: fp32 or bf16 (autocast); by default the run's train.precision."""
         from .graphs import CudaGraphs, NotRecordable, RecordedEvaluation
 
-        precision = precision or self.config.train.precision
-        if precision not in ("fp32", "bf16"):
+        if precision not in (None, "fp32", "bf16"):
             raise UsageError(f"precision must be fp32 or bf16, got {precision!r}")
+        if precision == "bf16" and not bf16_supported(self.device):
+            raise UsageError(f"--precision bf16, but {bf16_refusal()}: use --precision fp32")
+        if precision is None:
+            precision = self.config.train.precision
+            if precision == "bf16" and not bf16_supported(self.device):
+                log.warning("the run trained in bf16, but %s: evaluating in fp32", bf16_refusal())
+                precision = "fp32"
 
         if cuda_graphs and self.config.model.decoder == "adaptive":
             raise UsageError("--cuda-graphs cannot record the adaptive softmax (its shapes depend on the targets): "

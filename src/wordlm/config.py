@@ -102,7 +102,8 @@ class TrainConfig:
     clip: float = _opt(5.0, "clip the global gradient norm to this (0 = off)", min=0.0)
     seed: int = _opt(1111, "seed for torch and python RNGs", min=0)
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
-    precision: str = _opt("fp32", "fp32 or bf16 autocast", choices=("fp32", "bf16"))
+    precision: str = _opt("fp32", "fp32 or bf16 autocast (on a CPU, bf16 needs AVX-512 or Arm bf16)",
+                          choices=("fp32", "bf16"))
     num_threads: int = _opt(0, "CPU threads for torch (0 = torch's default)", min=0)
     compile: bool = _opt(False, "torch.compile the training step's forward (costs ~20 s at start; measured +15% "
                          "tokens/s on the CPU bench model)")

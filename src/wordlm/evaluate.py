@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -17,6 +18,33 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
+
+
+@functools.cache
+def _cpu_runs_bf16_lstm() -> bool:
+    """Whether an LSTM step runs under bf16 autocast on this CPU. PyTorch hands a CPU LSTM to oneDNN, whose bf16
+    kernel needs AVX-512 (or Arm's bf16) and fails on, say, an AVX2-only CPU, so one tiny step, forward and
+    backward, is tried once."""
+    lstm = torch.nn.LSTM(4, 4)
+    try:
+        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = lstm(torch.zeros(2, 1, 4))
+        out.float().sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` can run the model under bf16 autocast (always so on a CUDA device: the check is the
+    CPU's)."""
+    return device.type != "cpu" or _cpu_runs_bf16_lstm()
+
+
+def bf16_refusal() -> str:
+    """Why the CPU cannot run bf16: the middle of a one-line error or note."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"this CPU ({isa}) has no bf16 LSTM kernel (oneDNN's needs AVX-512 or Arm bf16)"
 
 
 def eval_window(batch_size: int, vocab_size: int, floor: int = 35) -> int:

@@ -41,7 +41,7 @@ from .errors import (
     RunLockedError,
     TrainingInterrupted,
 )
-from .evaluate import autocast, total_nll
+from .evaluate import autocast, bf16_refusal, bf16_supported, total_nll
 from .graphs import CudaGraphs, NotRecordable, RecordedEvaluation
 from .model import build_model, detach_state, num_parameters, resolve_device
 from .tokenizer import Tokenizer, fit_tokenizer
@@ -321,6 +321,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     tc = cfg.train
     dist = Distributed()
     _Loop.check_graphs(tc, resolve_device(tc.device), dist.world)  # before --overwrite clears anything
+    if tc.precision == "bf16" and not bf16_supported(resolve_device(tc.device)):
+        raise ConfigError(f"train.precision is bf16, but {bf16_refusal()}: set train.precision = \"fp32\"")
     device = dist.start(resolve_device(tc.device))
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
