@@ -178,6 +178,13 @@ def test_the_bf16_check_tells_the_truth_about_this_cpu():
         assert "LSTM" in str(e), e  # oneDNN's refusal, not some other failure
         ran = False
     assert bf16_supported(torch.device("cpu")) == ran
+    from wordlm.evaluate import _cpu_runs_bf16_lstm
+
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    _cpu_runs_bf16_lstm.__wrapped__()  # the check itself, uncached, draws no number from the caller's stream
+    assert torch.equal(torch.rand(3), want)
 
 
 def test_bf16_on_a_cpu_without_bf16_kernels_is_one_line_and_harms_nothing(demo_run, tmp_path, monkeypatch, caplog):

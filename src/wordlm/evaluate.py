@@ -24,8 +24,9 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
 def _cpu_runs_bf16_lstm() -> bool:
     """Whether an LSTM step runs under bf16 autocast on this CPU. PyTorch hands a CPU LSTM to oneDNN, whose bf16
     kernel needs AVX-512 (or Arm's bf16) and fails on, say, an AVX2-only CPU, so one tiny step, forward and
-    backward, is tried once."""
-    lstm = torch.nn.LSTM(4, 4)
+    backward, is tried once (its random weights drawn aside: the caller's RNG stream is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        lstm = torch.nn.LSTM(4, 4)
     try:
         with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             out, _ = lstm(torch.zeros(2, 1, 4))
