@@ -21,7 +21,8 @@ def _cpu_bf16() -> bool:
 
 # bf16 on the CPU needs oneDNN's bf16 LSTM kernel (AVX-512 or Arm bf16): an AVX2-only CPU refuses it, and the
 # tests of that refusal (tests/test_cli.py) run on every CPU.
-needs_cpu_bf16 = pytest.mark.skipif(not _cpu_bf16(), reason="this CPU has no bf16 LSTM kernel (AVX2 only)")
+needs_cpu_bf16 = pytest.mark.skipif(not _cpu_bf16(),
+                                    reason="this CPU has no bf16 LSTM kernel (oneDNN's needs AVX-512 or Arm bf16)")
 
 
 @pytest.fixture(autouse=True, scope="session")
