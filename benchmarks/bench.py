@@ -300,8 +300,8 @@ def main() -> None:
     if not cpu_bf16():
         from wordlm.evaluate import bf16_refusal
 
-        print(f"# bf16 left out: {bf16_refusal()}; the bench configs' rows run in fp32, not as in "
-              f"docs/PERFORMANCE.md")
+        print(f"# bf16 left out: {bf16_refusal(torch.device('cpu'))}; the bench configs' rows run in fp32, "
+              f"not as in docs/PERFORMANCE.md")
     if args.budget:
         print(f"\n## validation perplexity after {args.budget:g} s of training (2x200, batch 20, seq 35)\n")
         print("| vocab | plain loop: steps | plain: valid ppl | wordlm: steps | wordlm: valid ppl |")

@@ -57,7 +57,7 @@ def precisions(device: torch.device) -> tuple[str, ...]:
 
 def note(device: torch.device) -> str:
     """The header line that says bf16 was left out, if it was."""
-    return "" if bf16_supported(device) else f"# bf16 left out: {bf16_refusal()}\n"
+    return "" if bf16_supported(device) else f"# bf16 left out: {bf16_refusal(device)}\n"
 
 
 def sync(device: torch.device) -> None:

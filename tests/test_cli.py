@@ -178,12 +178,12 @@ def test_the_bf16_check_tells_the_truth_about_this_cpu():
         assert "LSTM" in str(e), e  # oneDNN's refusal, not some other failure
         ran = False
     assert bf16_supported(torch.device("cpu")) == ran
-    from wordlm.evaluate import _cpu_runs_bf16_lstm
+    from wordlm.evaluate import _runs_bf16_lstm
 
     torch.manual_seed(0)
     want = torch.rand(3)
     torch.manual_seed(0)
-    _cpu_runs_bf16_lstm.__wrapped__()  # the check itself, uncached, draws no number from the caller's stream
+    _runs_bf16_lstm.__wrapped__("cpu")  # the check itself, uncached, draws no number from the caller's stream
     assert torch.equal(torch.rand(3), want)
 
 
@@ -198,7 +198,7 @@ def test_bf16_on_a_cpu_without_bf16_kernels_is_one_line_and_harms_nothing(demo_r
     import wordlm.evaluate
     from wordlm import load
 
-    monkeypatch.setattr(wordlm.evaluate, "_cpu_runs_bf16_lstm", lambda: False)
+    monkeypatch.setattr(wordlm.evaluate, "_runs_bf16_lstm", lambda device: False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     run_dir = tmp_path / "run"
     shutil.copytree(demo_run, run_dir)
@@ -229,3 +229,35 @@ def test_bf16_on_a_cpu_without_bf16_kernels_is_one_line_and_harms_nothing(demo_r
         logger.removeHandler(caplog.handler)
     assert "the run trained in bf16, but this CPU (AVX2) has no bf16 LSTM kernel" in caplog.text
     assert caplog.text.rstrip().endswith("evaluating in fp32")
+
+
+def test_a_gpu_without_bf16_is_named_in_the_refusal(monkeypatch):
+    """On a GPU that cannot run the LSTM in bf16 (a V100, say: made so here on any machine) the one-line refusal
+    names the GPU and its compute capability, not the CPU's instruction set."""
+    import torch
+
+    from wordlm.evaluate import bf16_refusal
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    assert bf16_refusal(torch.device("cuda")) == (
+        "this GPU (Tesla V100-SXM2-32GB, compute capability 7.0) cannot run the LSTM in bf16 (that needs compute "
+        "capability 8.0, Ampere, or later)")
+
+
+def test_each_rank_checks_bf16_on_its_own_gpu(monkeypatch):
+    """Under torchrun each rank trains on the GPU of its local rank, so that is the device whose bf16 support
+    is checked (not GPU 0 from every rank); the CPU stays the CPU."""
+    import torch
+
+    from wordlm.train import Distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dist = Distributed()
+    assert dist.device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert dist.device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert Distributed().device(torch.device("cuda")) == torch.device("cuda")

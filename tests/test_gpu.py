@@ -32,6 +32,27 @@ def test_training_on_the_gpu(small_corpus, tmp_path):
     assert result.best_valid_ppl < 18
 
 
+def test_the_bf16_check_tells_the_truth_about_this_gpu():
+    """bf16_supported says yes on the GPU exactly when wordlm's own model can take a bf16 autocast step on it,
+    forward and backward (an Ampere or later GPU can; a V100 or T4 may not)."""
+    from wordlm.evaluate import autocast, bf16_supported
+    from wordlm.model import build_model
+
+    device = torch.device("cuda")
+    model = build_model(ModelConfig(embedding_size=16, hidden_size=16, num_layers=2, dropout=0.2), 30).to(device)
+    ids = torch.randint(0, 30, (6, 3), device=device)
+    try:
+        with autocast(device, "bf16"):
+            loss, _ = model(ids, targets=ids, mean=True)
+        loss.backward()
+        torch.cuda.synchronize()
+        ran = True
+    except RuntimeError:
+        ran = False
+    assert bf16_supported(device) == ran
+    assert ran or torch.cuda.get_device_capability()[0] < 8  # an Ampere or later GPU runs it
+
+
 def _sync_warnings(cfg, out) -> int:
     from wordlm.train import train
 

@@ -98,11 +98,11 @@ class LanguageModel:
         if precision not in (None, "fp32", "bf16"):
             raise UsageError(f"precision must be fp32 or bf16, got {precision!r}")
         if precision == "bf16" and not bf16_supported(self.device):
-            raise UsageError(f"--precision bf16, but {bf16_refusal()}: use --precision fp32")
+            raise UsageError(f"--precision bf16, but {bf16_refusal(self.device)}: use --precision fp32")
         if precision is None:
             precision = self.config.train.precision
             if precision == "bf16" and not bf16_supported(self.device):
-                log.warning("the run trained in bf16, but %s: evaluating in fp32", bf16_refusal())
+                log.warning("the run trained in bf16, but %s: evaluating in fp32", bf16_refusal(self.device))
                 precision = "fp32"
 
         if cuda_graphs and self.config.model.decoder == "adaptive":

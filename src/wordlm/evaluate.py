@@ -21,31 +21,42 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
 
 
 @functools.cache
-def _cpu_runs_bf16_lstm() -> bool:
-    """Whether an LSTM step runs under bf16 autocast on this CPU. PyTorch hands a CPU LSTM to oneDNN, whose bf16
-    kernel needs AVX-512 (or Arm's bf16) and fails on, say, an AVX2-only CPU, so one tiny step, forward and
-    backward, is tried once (its random weights drawn aside: the caller's RNG stream is left as it was)."""
+def _runs_bf16_lstm(device: str) -> bool:
+    """Whether an LSTM step runs under bf16 autocast on `device` ("cpu", "cuda", "cuda:1"). PyTorch hands a CPU
+    LSTM to oneDNN, whose bf16 kernel needs AVX-512 (or Arm's bf16) and fails on, say, an AVX2-only CPU; on a CUDA
+    GPU older than Ampere, autocast refuses bf16 or the LSTM kernel lacks it. So one tiny step, forward and
+    backward, is tried once per device (its random weights drawn aside on the CPU: the caller's RNG stream is
+    left as it was)."""
+    dev = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         lstm = torch.nn.LSTM(4, 4)
     try:
-        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out, _ = lstm(torch.zeros(2, 1, 4))
+        lstm = lstm.to(dev)
+        with torch.enable_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+            out, _ = lstm(torch.zeros(2, 1, 4, device=dev))
         out.float().sum().backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
     except RuntimeError:
         return False
     return True
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether `device` can run the model under bf16 autocast (always so on a CUDA device: the check is the
-    CPU's)."""
-    return device.type != "cpu" or _cpu_runs_bf16_lstm()
+    """Whether `device` can run the model under bf16 autocast."""
+    return _runs_bf16_lstm(str(device))
 
 
-def bf16_refusal() -> str:
-    """Why the CPU cannot run bf16: the middle of a one-line error or note."""
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"this CPU ({isa}) has no bf16 LSTM kernel (oneDNN's needs AVX-512 or Arm bf16)"
+def bf16_refusal(device: torch.device) -> str:
+    """Why `device` cannot run bf16: the middle of a one-line error or note."""
+    if device.type == "cpu":
+        isa = torch.backends.cpu.get_cpu_capability()
+        return f"this CPU ({isa}) has no bf16 LSTM kernel (oneDNN's needs AVX-512 or Arm bf16)"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"this GPU ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor}) cannot run "
+                f"the LSTM in bf16 (that needs compute capability 8.0, Ampere, or later)")
+    return f"this device ({device}) cannot run the LSTM in bf16"
 
 
 def eval_window(batch_size: int, vocab_size: int, floor: int = 35) -> int:

@@ -181,13 +181,19 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
+    def device(self, device: torch.device) -> torch.device:
+        """This rank's device: with several ranks on CUDA, the GPU of its local rank."""
+        if self.world > 1 and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
     def start(self, device: torch.device) -> torch.device:
         if self.world == 1:
             return device
         import torch.distributed as dist
 
+        device = self.device(device)
         if device.type == "cuda":
-            device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -321,8 +327,9 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     tc = cfg.train
     dist = Distributed()
     _Loop.check_graphs(tc, resolve_device(tc.device), dist.world)  # before --overwrite clears anything
-    if tc.precision == "bf16" and not bf16_supported(resolve_device(tc.device)):
-        raise ConfigError(f"train.precision is bf16, but {bf16_refusal()}: set train.precision = \"fp32\"")
+    here = dist.device(resolve_device(tc.device))  # this rank's device (nothing is started on it yet)
+    if tc.precision == "bf16" and not bf16_supported(here):
+        raise ConfigError(f"train.precision is bf16, but {bf16_refusal(here)}: set train.precision = \"fp32\"")
     device = dist.start(resolve_device(tc.device))
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
