@@ -83,6 +83,8 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(tmp_path)
+    with pytest.raises(ConfigError, match="/dev/null is not a regular file; give the path of a TOML file"):
+        load_config("/dev/null")
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nlr = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):

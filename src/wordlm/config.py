@@ -314,7 +314,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise ConfigError(f"config file {p} does not exist (shipped configs are in configs/)")
     if not p.is_file():
-        raise ConfigError(f"config path {p} is a directory, not a TOML file")
+        kind = "a directory" if p.is_dir() else "not a regular file"
+        raise ConfigError(f"config path {p} is {kind}; give the path of a TOML file")
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
