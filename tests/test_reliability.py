@@ -208,6 +208,31 @@ def test_a_locked_run_directory_is_refused(small_corpus, tmp_path):
     train(tiny_config(small_corpus, max_steps=2), run)  # free again once released
 
 
+def test_a_run_that_fails_before_writing_removes_the_folders_it_made(small_corpus, tmp_path):
+    """Bad data found after --out was made (here: too short for the batch) leaves no empty run folder behind,
+    nor the parents it made; a folder that was there before stays, with what it held."""
+    from wordlm.errors import DataError
+
+    short = tmp_path / "short.txt"
+    short.write_text("too short\n")
+    cfg = tiny_config(small_corpus, max_steps=2)
+    cfg.data.train = str(short)
+    with pytest.raises(DataError, match="too short"):
+        train(cfg, tmp_path / "new" / "deeper" / "run")
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="too short"):
+        train(cfg, kept / "run")
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(DataError, match="too short"):
+        train(cfg, existing)
+    assert existing.is_dir()
+
+
 def _nan_at(monkeypatch, steps: set[int]):
     """Make the model's loss NaN on the given (1-based) training calls."""
     original = LSTMLanguageModel.forward

@@ -125,7 +125,7 @@ def train(
 ) -> None:
     """Train a model: writes OUT/best/, OUT/last/, OUT/config.toml and OUT/metrics.jsonl."""
     from .config import load_config
-    from .errors import ConfigError
+    from .errors import CheckpointError, ConfigError
 
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         _torchrun(nproc)
@@ -136,6 +136,10 @@ def train(
         if not (resume and out is not None):
             raise ConfigError("give --config PATH (e.g. configs/demo.toml), or --out RUN --resume to continue a run")
         config = out / "config.toml"
+        if not out.is_dir():
+            raise CheckpointError(f"nothing to resume: {out} does not exist; start a run with --config PATH")
+        if not config.is_file():
+            raise CheckpointError(f"nothing to resume in {out}: it has no config.toml; give the run's --config PATH")
     cfg = load_config(config, set_ or [])
     out = out or Path("runs") / config.stem
 
@@ -357,7 +361,7 @@ def score(
 
     items = list(sentences or [])
     if file is not None:
-        items += [ln for ln in iter_lines(file, str(file)) if ln.strip()]
+        items += [ln for ln in iter_lines(file, "--file") if ln.strip()]
     if not items:
         raise UsageError("nothing to score; give sentences as arguments or --file FILE")
     lm = LanguageModel.load(run)

@@ -338,6 +338,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
 
+    made = [d for d in (out, *out.parents) if not d.exists()]  # the folders mkdir creates, deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -351,6 +352,20 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
         return result
     finally:
         dist.stop(wait_for_all=finished)
+        if not finished and dist.main:
+            _remove_if_unused(made)
+
+
+def _remove_if_unused(made: list[Path]) -> None:
+    """After a run that failed before writing anything (bad data, say), remove the folders it created, so a
+    mistyped command leaves nothing behind; a folder that holds anything but the lock file stays."""
+    for d in made:
+        try:
+            if [p.name for p in d.iterdir()] == [".lock"]:
+                (d / ".lock").unlink()
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distributed, ckpt, stop: _StopFlag,
