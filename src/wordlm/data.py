@@ -35,7 +35,8 @@ def check_text_file(path: str | Path, what: str) -> Path:
         raise DataError(f"{what}: no path given; set it in the config (e.g. --set {what}=path/to/file.txt)")
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{what}: {p} does not exist")
+        hint = f"; point it at your copy with --set {what}=PATH" if what.startswith("data.") else ""
+        raise DataError(f"{what}: {p} does not exist{hint}")
     if p.is_dir():
         raise DataError(f"{what}: {p} is a directory; give the path of a text file")
     if p.stat().st_size == 0:
