@@ -136,6 +136,34 @@ def test_a_time_budget_anneals_over_the_seconds_and_stops_training(small_corpus,
     assert (tmp_path / "run" / "best" / "meta.json").is_file()
 
 
+def test_ctrl_c_while_the_corpus_is_read_stops_at_once_and_writes_nothing(small_corpus, tmp_path, monkeypatch):
+    """A Ctrl-C before training begins (fitting the tokenizer, encoding a large corpus) is not held until the
+    first step: it stops at once, --overwrite has not cleared the run yet, and a new --out is not left behind."""
+    import signal
+
+    import wordlm.train
+
+    cfg = tiny_config(small_corpus, max_steps=3)
+    train(cfg, tmp_path / "run")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
+    encode, calls = wordlm.train.encode_file, []
+
+    def encode_then_sigint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in (1, 3):  # one Ctrl-C in each of the two runs below (a second would kill pytest)
+            signal.raise_signal(signal.SIGINT)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(wordlm.train, "encode_file", encode_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", overwrite=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"} == before
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+
+
 @pytest.mark.parametrize("background", [False, True], ids=["sync-saves", "background-saves"])
 def test_ctrl_c_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path, monkeypatch, background):
     from wordlm.train import _Loop

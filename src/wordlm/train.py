@@ -140,10 +140,13 @@ class RunLock:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, writes last/ and stops. A second signal kills."""
+    """Before `defer` is set (fitting the tokenizer, encoding the corpus: nothing written yet), SIGINT/SIGTERM
+    stop at once, as KeyboardInterrupt. After it, they set a flag; the loop finishes its step, writes last/ and
+    stops. A second signal kills."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.defer = False
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -153,6 +156,8 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if not self.defer:
+            raise KeyboardInterrupt
         if self.signum is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -387,6 +392,7 @@ def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distrib
     train_streams = _streams(ids, tc.batch_size, device, "data.train", "train.batch_size")
     valid_streams = _streams(valid_split.ids, tc.eval_batch_size, device, "data.valid",
                              "train.eval_batch_size")
+    stop.defer = True  # from here on a signal ends the run with a checkpoint, after the step in progress
     if dist.main:
         if overwrite and (ckpt is None or ckpt.train_state is None):
             for name in ("last", "best", ".last.old", ".best.old", ".last.tmp", ".best.tmp"):
