@@ -24,7 +24,7 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
 def _runs_bf16_lstm(device: str) -> bool:
     """Whether an LSTM step runs under bf16 autocast on `device` ("cpu", "cuda", "cuda:1"). PyTorch hands a CPU
     LSTM to oneDNN, whose bf16 kernel needs AVX-512 (or Arm's bf16) and fails on, say, an AVX2-only CPU; on a CUDA
-    GPU older than Ampere, autocast refuses bf16 or the LSTM kernel lacks it. So one tiny step, forward and
+    GPU older than Ampere, autocast may refuse bf16 or the LSTM kernel lack it. So one tiny step, forward and
     backward, is tried once per device (its random weights drawn aside on the CPU: the caller's RNG stream is
     left as it was)."""
     dev = torch.device(device)
