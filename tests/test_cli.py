@@ -62,6 +62,21 @@ def test_eval_on_a_file_and_full_context(demo_run):
     assert "ppl" in r.output and "tokens" in r.output
 
 
+def test_eval_counts_the_unknown_tokens_of_the_text(demo_run, tmp_path):
+    """Two words the demo model never saw, and one written <unk>, among 11 tokens (8 words, 3 line ends): the
+    report says how much of the perplexity is the easy prediction of <unk>."""
+    text = tmp_path / "oov.txt"
+    text.write_text("why do we need zebra network\nthe giraffe <unk>\n")
+    r = run("eval", demo_run, "--data", text, "--batch-size", "1", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output.strip().splitlines()[-1])
+    assert report["unk_tokens"] == 3 and report["unk_share"] == pytest.approx(3 / 11)
+    r = run("eval", demo_run, "--data", text, "--batch-size", "1")
+    assert "unk         3 tokens of the text are <unk> (27.27%)" in r.output
+    r = run("eval", demo_run, "--split", "valid", "--json")  # the demo's own valid text: every word known
+    assert json.loads(r.output.strip().splitlines()[-1])["unk_tokens"] == 0
+
+
 def test_generate_warns_on_unknown_words_and_refuses_empty_prompts(demo_run):
     r = run("generate", demo_run, "--prompt", "the zebra", "--max-tokens", "3", "--seed", "0")
     assert r.exit_code == 0

@@ -122,7 +122,7 @@ class LanguageModel:
                                  f"drop --cuda-graphs") from None
         else:
             nll, n = total_nll(self.model, streams, seq_len, precision)
-        out = report(nll, n, split, subword=self.tokenizer.kind != "word")
+        out = report(nll, n, split, subword=self.tokenizer.kind != "word", unk_id=self.tokenizer.unk_id)
         out["total_nll"], out["precision"] = nll, precision
         return out
 
@@ -189,7 +189,7 @@ class LanguageModel:
         log.info("dynamic: lr %g, lambda %g over %s (%d updates of %d tokens)", chosen["lr"], chosen["decay"],
                  Path(path).name, math.ceil((len(split.ids) - 1) // batch_size / seq_len), seq_len)
         nll, n = dynamic_total_nll(self.model, streams, seq_len, chosen["lr"], chosen["decay"], ms)
-        out = report(nll, n, split, subword=self.tokenizer.kind != "word")
+        out = report(nll, n, split, subword=self.tokenizer.kind != "word", unk_id=self.tokenizer.unk_id)
         return {**out, "total_nll": nll, "dynamic": {**chosen, "batch_size": batch_size, "seq_len": seq_len,
                                                      "grid": grid}}
 

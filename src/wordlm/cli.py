@@ -263,6 +263,9 @@ def eval_(
                f"bits        {r['bits_per_token']:.4f} per token\ntokens      {r['tokens']:,}")
     if "word_ppl" in r:
         typer.echo(f"words       {r['words']:,}\nword ppl    {r['word_ppl']:.2f}")
+    if "unk_tokens" in r:
+        typer.echo(f"unk         {r['unk_tokens']:,} tokens of the text are <unk> ({r['unk_share']:.2%}): words "
+                   f"the model never saw in training, or written <unk>")
     if "dynamic" in r:
         d = r["dynamic"]
         typer.echo(f"dynamic     lr {d['lr']:g}, lambda {d['decay']:g}, {d['seq_len']} tokens per update"
