@@ -78,6 +78,28 @@ def test_nproc_flag_wraps_torchrun(small_corpus, tmp_path):
     assert load_checkpoint(tmp_path / "run", prefer="last").meta["step"] == 6
 
 
+def test_bad_input_under_nproc_is_one_line_once(small_corpus, tmp_path):
+    """Both ranks meet the same bad input (a corpus too short for the batch): the user sees its line once, the
+    exit code of the failing rank (3, a data error), no torchrun traceback or banner, and no --out folder."""
+    cfg = tiny_config(small_corpus, max_steps=6)
+    short = tmp_path / "short.txt"
+    short.write_text("too short\n")
+    cfg.data.train = str(short)
+    path = tmp_path / "tiny.toml"
+    path.write_text(cfg.to_toml())
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user's shell has it
+    proc = subprocess.run([sys.executable, "-m", "wordlm", "train", "--config", str(path), "--out",
+                           str(tmp_path / "new" / "run"), "--nproc", "2"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("error:")] == [
+        "error: data.train (the share of each of 2 processes): text of 1 token is too short for 4 streams (each "
+        "needs at least 2 tokens); use a longer text or a smaller batch size (train.batch_size)"], proc.stderr
+    assert len(lines) == 2 and lines[0].startswith("fitting the word tokenizer"), proc.stderr  # rank 0's alone
+    assert not (tmp_path / "new").exists()
+
+
 def test_two_process_training_resumes_exactly(small_corpus, tmp_path):
     # Stop a 2-process run at step 6, resume it to step 12, and compare with a run that went straight to 12:
     # each rank's own RNG (dropout masks) and LSTM state must come back, or the weights would differ.

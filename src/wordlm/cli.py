@@ -48,7 +48,8 @@ def main(
     """Train and use next-word LSTM language models."""
     logger = logging.getLogger("wordlm")
     logger.handlers = [_EchoHandler()]
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    side_rank = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 tells how the run goes
+    logger.setLevel(logging.WARNING if quiet or side_rank else logging.INFO)
     logger.propagate = False
 
 
@@ -70,31 +71,42 @@ def _cli(fn):
         except WordLMError as e:
             problems = getattr(e, "problems", None)
             if problems and len(problems) > 1:
-                typer.echo(f"error: {len(problems)} problems in the configuration:", err=True)
-                for p in problems:
-                    typer.echo(f"  - {p}", err=True)
+                _say(f"error: {len(problems)} problems in the configuration:", *(f"  - {p}" for p in problems))
             else:
-                typer.echo(f"error: {e}", err=True)
+                _say(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
+            _say("interrupted")
             raise typer.Exit(130) from None
         except BrokenPipeError:  # the reader went away (`wordlm score ... | head`): click's own quiet handling
             raise
         except RuntimeError as e:  # torch.OutOfMemoryError (a GPU) is one; the CPU allocator's is a plain one
             if not _out_of_memory(e):
                 raise
-            typer.echo(f"error: out of memory{_allocation(e)}; use a smaller model (model.hidden_size, "
-                       f"model.num_layers), batch (train.batch_size, --batch-size) or window (train.seq_len)",
-                       err=True)
+            _say(f"error: out of memory{_allocation(e)}; use a smaller model (model.hidden_size, "
+                 f"model.num_layers), batch (train.batch_size, --batch-size) or window (train.seq_len)")
             raise typer.Exit(1) from None
         except OSError as e:  # the file system refused (a full disk, no permission): not a bug, no traceback
             where = f"{e.filename}: " if e.filename else ""
-            typer.echo(f"error: {where}{e.strerror or e}; check the path, its permissions and the free disk "
-                       f"space", err=True)
+            _say(f"error: {where}{e.strerror or e}; check the path, its permissions and the free disk space")
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+_RANK_ERRORS = "WORDLM_RANK_ERRORS"  # set by `train --nproc`: where each rank leaves its error lines
+
+
+def _say(*lines: str) -> None:
+    """An error's lines, on stderr; a rank started by `train --nproc` leaves them for the launcher instead, which
+    prints each different one once (every rank usually meets the same bad input)."""
+    folder = os.environ.get(_RANK_ERRORS)
+    if folder and os.path.isdir(folder):
+        with open(os.path.join(folder, f"rank{int(os.environ.get('RANK', '0')):05d}"), "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+        return
+    for line in lines:
+        typer.echo(line, err=True)
 
 
 def _out_of_memory(e: RuntimeError) -> bool:
@@ -156,9 +168,8 @@ def train(
 
 
 def _torchrun(nproc: int) -> None:
-    """Start this same command under torchrun with `nproc` processes, then exit with its code."""
-    import subprocess
-
+    """Run this same command under torchrun with `nproc` processes, then exit with the code of the rank that
+    failed first. An error every rank met is printed once, without torchrun's traceback."""
     args, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -167,9 +178,35 @@ def _torchrun(nproc: int) -> None:
             skip = True
         elif not a.startswith("--nproc="):
             args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "wordlm", *args]
-    raise typer.Exit(subprocess.call(cmd))
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launch = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "wordlm", *args])
+    code = 0
+    with tempfile.TemporaryDirectory(prefix="wordlm-ranks-") as errors:
+        os.environ[_RANK_ERRORS] = errors
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set, without its banner
+        logging.disable(logging.CRITICAL)  # torchrun's own failure report: the ranks' lines below say what went wrong
+        try:
+            run(launch)
+        except ChildFailedError as e:
+            code = e.get_first_failure()[1].exitcode
+            code = code if code > 0 else 128 - code  # killed by a signal: the shell's convention
+        except SignalException as e:
+            code = 128 + int(e.sigval)
+        finally:
+            logging.disable(logging.NOTSET)
+        said: list[str] = []
+        for name in sorted(os.listdir(errors)):
+            with open(os.path.join(errors, name)) as f:
+                text = f.read()
+            if text not in said:
+                said.append(text)
+                sys.stderr.write(text)
+    raise typer.Exit(code)
 
 
 @app.command()

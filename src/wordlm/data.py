@@ -172,7 +172,8 @@ class Streams:
         self.batch_size = batch_size
         self.rows = len(ids) // batch_size  # S: tokens per stream
         if self.rows < 2:
-            raise DataError(f"text of {len(ids) - 1} tokens is too short for {batch_size} streams "
+            n = len(ids) - 1
+            raise DataError(f"text of {n} token{'s' * (n != 1)} is too short for {batch_size} streams "
                             f"(each needs at least 2 tokens); use a longer text or a smaller batch size")
         self.device = torch.device(device)
         grid = np.asarray(ids[: self.rows * batch_size]).reshape(batch_size, self.rows)  # (B, S), a view

@@ -343,9 +343,11 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
 
-    made = [d for d in (out, *out.parents) if not d.exists()]  # the folders mkdir creates, deepest first
+    # Only rank 0 writes to `out`, so only it creates the folder (and knows which folders it made, deepest first).
+    made = [d for d in (out, *out.parents) if not d.exists()] if dist.main else []
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create the run directory ({e.strerror}); choose another "
                           f"--out") from None
@@ -389,7 +391,8 @@ def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distrib
     if dist.world > 1:  # this rank's contiguous share of the text
         n = (len(ids) - 1) // dist.world
         ids = ids[dist.rank * n: dist.rank * n + n + 1]
-    train_streams = _streams(ids, tc.batch_size, device, "data.train", "train.batch_size")
+    share = f" (the share of each of {dist.world} processes)" if dist.world > 1 else ""
+    train_streams = _streams(ids, tc.batch_size, device, "data.train" + share, "train.batch_size")
     valid_streams = _streams(valid_split.ids, tc.eval_batch_size, device, "data.valid",
                              "train.eval_batch_size")
     stop.defer = True  # from here on a signal ends the run with a checkpoint, after the step in progress
