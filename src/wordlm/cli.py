@@ -139,9 +139,6 @@ def train(
     from .config import load_config
     from .errors import CheckpointError, ConfigError
 
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        _torchrun(nproc)
-
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; choose one")
     if config is None:
@@ -152,7 +149,9 @@ def train(
             raise CheckpointError(f"nothing to resume: {out} does not exist; start a run with --config PATH")
         if not config.is_file():
             raise CheckpointError(f"nothing to resume in {out}: it has no config.toml; give the run's --config PATH")
-    cfg = load_config(config, set_ or [])
+    cfg = load_config(config, set_ or [])  # a bad config fails here, before any process is started
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _torchrun(nproc)
     out = out or Path("runs") / config.stem
 
     from .train import train as run_training
