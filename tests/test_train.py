@@ -155,13 +155,42 @@ def test_ctrl_c_while_the_corpus_is_read_stops_at_once_and_writes_nothing(small_
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(wordlm.train, "encode_file", encode_then_sigint)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "run", overwrite=True)
-    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"} == before
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "new" / "run")
-    assert not (tmp_path / "new").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    # Python's own handler, whatever this process inherited (a background job of a shell script ignores SIGINT).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "run", overwrite=True)
+        assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*")
+                if p.is_file() and p.name != ".lock"} == before
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "new" / "run")
+        assert not (tmp_path / "new").exists()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(small_corpus, tmp_path, monkeypatch):
+    """`wordlm train ... &` in a shell script starts with SIGINT ignored, so that a Ctrl-C meant for the script
+    leaves it running; training must not put a handler of its own in place of that."""
+    import signal
+
+    import wordlm.train
+
+    encode = wordlm.train.encode_file
+
+    def encode_then_sigint(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(wordlm.train, "encode_file", encode_then_sigint)
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = train(tiny_config(small_corpus, max_steps=3), tmp_path / "run")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert result.stop_reason == "finished" and (tmp_path / "run" / "last" / "meta.json").is_file()
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["sync-saves", "background-saves"])

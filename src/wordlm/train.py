@@ -142,7 +142,8 @@ class RunLock:
 class _StopFlag:
     """Before `defer` is set (fitting the tokenizer, encoding the corpus: nothing written yet), SIGINT/SIGTERM
     stop at once, as KeyboardInterrupt. After it, they set a flag; the loop finishes its step, writes last/ and
-    stops. A second signal kills."""
+    stops. A second signal kills. A signal the process was started to ignore stays ignored (a shell script's
+    `wordlm train ... &` starts with SIGINT ignored, so that a Ctrl-C meant for the script leaves the run alone)."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -152,7 +153,8 @@ class _StopFlag:
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._old[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
