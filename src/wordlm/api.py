@@ -21,7 +21,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data import Streams, encode_file
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .evaluate import bf16_refusal, bf16_supported, eval_window, report, total_nll
 from .generate import check_sampling, continue_ids, read_context
 from .model import build_model, num_parameters, resolve_device
@@ -84,7 +84,10 @@ class LanguageModel:
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         split = encode_file(path, self.tokenizer, self.config.data.cache_dir or None, what="text to evaluate")
-        return split, Streams(split.ids, batch_size, self.device)
+        try:
+            return split, Streams(split.ids, batch_size, self.device)
+        except DataError as e:  # too short for the streams: name the file and the flag to change
+            raise DataError(f"{path}: {e} (--batch-size)") from None
 
     def evaluate(self, path: str | Path, batch_size: int = 10, seq_len: int | None = None,
                  cuda_graphs: bool = False, precision: str | None = None) -> dict:
@@ -140,6 +143,7 @@ class LanguageModel:
         ms_path = self.config.data.train if Path(self.config.data.train or "/nonexistent").is_file() else grid_on
         if ms_path is None:
             raise UsageError("dynamic evaluation needs the training text (data.train) or a validation text")
+        split, streams = self._streams(path, batch_size)  # a bad text fails here, before the slow passes
         _, ms_streams = self._streams(ms_path, batch_size)
         started = time.perf_counter()
         ms = gradient_ms(self.model, ms_streams, seq_len, ms_windows)
@@ -148,9 +152,8 @@ class LanguageModel:
         chosen = {"lr": lr, "decay": decay}
         grid = []
         if grid_on is not None and (lr is None or decay is None):
-            split, streams = self._streams(grid_on, batch_size)
-            ids = split.ids[: grid_tokens + 1]
-            streams = Streams(ids, batch_size, self.device)
+            grid_split, _ = self._streams(grid_on, batch_size)
+            grid_streams = Streams(grid_split.ids[: grid_tokens + 1], batch_size, self.device)
             # RMS-normalised steps are large where gradients are rare (about half the weights of a PTB model
             # have an RMS gradient under 1e-6): useful step sizes are small. On the first 10,000 validation
             # tokens of a ptb-medium-gpu model with 5-token updates (docs/RESULTS.md): 1e-6 -2.3%, 3e-6 -6.0%,
@@ -161,7 +164,7 @@ class LanguageModel:
 
             def point(a: float, d: float) -> dict:
                 started = time.perf_counter()
-                nll, n = dynamic_total_nll(self.model, streams, seq_len, a, d, ms)
+                nll, n = dynamic_total_nll(self.model, grid_streams, seq_len, a, d, ms)
                 grid.append({"lr": a, "decay": d, "ppl": math.exp(nll / n)})
                 log.info("dynamic: lr %g, lambda %g: ppl %.2f on the first %d tokens of %s (%.1fs)", a, d,
                          grid[-1]["ppl"], n, Path(grid_on).name, time.perf_counter() - started)
@@ -185,7 +188,6 @@ class LanguageModel:
         if chosen["lr"] is None or chosen["decay"] is None:
             raise UsageError("give --dyn-lr and --dyn-lambda, or let the grid search choose them on the "
                              "validation split")
-        split, streams = self._streams(path, batch_size)
         log.info("dynamic: lr %g, lambda %g over %s (%d updates of %d tokens)", chosen["lr"], chosen["decay"],
                  Path(path).name, math.ceil((len(split.ids) - 1) // batch_size / seq_len), seq_len)
         nll, n = dynamic_total_nll(self.model, streams, seq_len, chosen["lr"], chosen["decay"], ms)
