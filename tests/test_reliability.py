@@ -210,7 +210,8 @@ def test_a_locked_run_directory_is_refused(small_corpus, tmp_path):
 
 def test_a_run_that_fails_before_writing_removes_the_folders_it_made(small_corpus, tmp_path):
     """Bad data found after --out was made (here: too short for the batch) leaves no empty run folder behind,
-    nor the parents it made; a folder that was there before stays, with what it held."""
+    nor the parents it made, nor a lock file in a folder that was there before; that folder stays, with what it
+    held."""
     from wordlm.errors import DataError
 
     short = tmp_path / "short.txt"
@@ -230,7 +231,12 @@ def test_a_run_that_fails_before_writing_removes_the_folders_it_made(small_corpu
     existing.mkdir()
     with pytest.raises(DataError, match="too short"):
         train(cfg, existing)
-    assert existing.is_dir()
+    assert existing.is_dir() and list(existing.iterdir()) == []  # as empty as it was: no lock file left in it
+    ran = tmp_path / "ran"
+    train(tiny_config(small_corpus, max_steps=2), ran)
+    with pytest.raises(DataError, match="too short"):
+        train(cfg, ran, overwrite=True)
+    assert (ran / ".lock").is_file() and (ran / "best").is_dir()  # a run's own lock file stays with it
 
 
 def _nan_at(monkeypatch, steps: set[int]):

@@ -347,6 +347,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
 
     # Only rank 0 writes to `out`, so only it creates the folder (and knows which folders it made, deepest first).
     made = [d for d in (out, *out.parents) if not d.exists()] if dist.main else []
+    lock_is_new = not (out / ".lock").exists()
     try:
         if dist.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -362,19 +363,19 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     finally:
         dist.stop(wait_for_all=finished)
         if not finished and dist.main:
-            _remove_if_unused(made)
+            _remove_if_unused(out, made, lock_is_new)
 
 
-def _remove_if_unused(made: list[Path]) -> None:
-    """After a run that failed before writing anything (bad data, say), remove the folders it created, so a
-    mistyped command leaves nothing behind; a folder that holds anything but the lock file stays."""
-    for d in made:
-        try:
-            if [p.name for p in d.iterdir()] == [".lock"]:
-                (d / ".lock").unlink()
+def _remove_if_unused(out: Path, made: list[Path], lock_is_new: bool) -> None:
+    """After a run that failed before writing anything (bad data, say), remove the lock file it created and the
+    folders it created, so a mistyped command leaves nothing behind; a folder that holds anything else stays."""
+    try:
+        if lock_is_new and [p.name for p in out.iterdir()] == [".lock"]:
+            (out / ".lock").unlink()
+        for d in made:
             d.rmdir()
-        except OSError:
-            return
+    except OSError:
+        return
 
 
 def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distributed, ckpt, stop: _StopFlag,
