@@ -339,3 +339,29 @@ def test_train_tokens_per_second_leave_out_validation_and_checkpoints(small_corp
         seconds = (after["tokens"] - before["tokens"]) / after["tokens_per_s"]
         assert seconds < 0.25, (before["step"], after["step"], seconds)
         assert after["elapsed_s"] - before["elapsed_s"] >= 0.5  # the run's clock still counts the pause
+
+
+def test_a_sentencepiece_vocabulary_that_does_not_fit_the_text_is_reported(small_corpus, tmp_path, caplog):
+    """Too small for the text's characters: one line in the config's words, not sentencepiece's internal check.
+    Larger than the text has pieces for: sentencepiece stops early, and the user is told, rather than left to find
+    a smaller output layer than the config says."""
+    cfg = tiny_config(small_corpus, max_steps=1)
+    cfg.tokenizer.kind, cfg.tokenizer.vocab_size = "sentencepiece", 20
+    with pytest.raises(ConfigError) as e:  # fewer than the pieces the text needs at the least
+        train(cfg, tmp_path / "fits")
+    assert str(e.value) == ("tokenizer.vocab_size is 20, but sentencepiece needs at least 21 for this training text "
+                            "(each of its characters, <unk> and <eos>): raise tokenizer.vocab_size, or lower "
+                            "tokenizer.sp_character_coverage to leave out rare characters")
+    cfg.tokenizer.vocab_size = 25
+    with caplog.at_level("WARNING", logger="wordlm"):
+        train(cfg, tmp_path / "fits")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert load_checkpoint(tmp_path / "fits" / "best").tokenizer.vocab_size == 25
+    cfg.tokenizer.vocab_size = 5000
+    with caplog.at_level("WARNING", logger="wordlm"):
+        train(cfg, tmp_path / "short")
+    got = load_checkpoint(tmp_path / "short" / "best").tokenizer.vocab_size
+    assert 25 < got < 5000
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"warning: tokenizer.vocab_size is 5000, but sentencepiece found only {got} pieces in the training text: "
+        f"the vocabulary has {got}"]

@@ -109,6 +109,10 @@ def _say(*lines: str) -> None:
         typer.echo(line, err=True)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 def _out_of_memory(e: RuntimeError) -> bool:
     text = str(e)
     return type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
@@ -160,7 +164,7 @@ def train(
                           progress=sys.stderr.isatty() if progress is None else progress)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
         return
-    typer.echo(f"{result.stop_reason}: {result.steps} steps, {result.epochs_done:g} epochs, "
+    typer.echo(f"{result.stop_reason}: {_count(result.steps, 'step')}, {result.epochs_done:g} epochs, "
                f"{result.tokens:,} tokens in {result.elapsed_s:.1f}s; peak memory {result.peak_mem_mb:,.0f} MiB")
     typer.echo(f"best validation: loss {result.best_valid_loss:.4f}, ppl {result.best_valid_ppl:.2f}")
     typer.echo(f"checkpoints: {out / 'best'}  {out / 'last'}")

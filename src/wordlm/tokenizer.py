@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -169,7 +170,7 @@ class SentencePieceTokenizer(Tokenizer):
 
         import sentencepiece as spm
 
-        from .errors import DataError
+        from .errors import ConfigError, DataError
 
         def sentences() -> Iterator[str]:
             for line in lines:
@@ -187,6 +188,12 @@ class SentencePieceTokenizer(Tokenizer):
                 minloglevel=2,
             )
         except RuntimeError as e:
+            few = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+            if few:  # say it in the config's words, without sentencepiece's source location and flag names
+                raise ConfigError(f"tokenizer.vocab_size is {few[1]}, but sentencepiece needs at least {few[2]} "
+                                  f"for this training text (each of its characters, <unk> and <eos>): raise "
+                                  f"tokenizer.vocab_size, or lower tokenizer.sp_character_coverage to leave out "
+                                  f"rare characters") from None
             raise DataError(f"sentencepiece could not train on the training text: {e}") from None
         return cls(model.getvalue(), lowercase)
 

@@ -387,6 +387,11 @@ def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distrib
     else:
         log.info("fitting the %s tokenizer on %s", cfg.tokenizer.kind, cfg.data.train)
         tokenizer = fit_tokenizer(cfg.tokenizer, lambda: iter_lines(cfg.data.train, "data.train"))
+        short = cfg.tokenizer.kind == "sentencepiece" and tokenizer.vocab_size < cfg.tokenizer.vocab_size
+        if short and dist.main:  # sentencepiece stops where the text has no more pieces to offer
+            log.warning("warning: tokenizer.vocab_size is %d, but sentencepiece found only %d pieces in the "
+                        "training text: the vocabulary has %d", cfg.tokenizer.vocab_size, tokenizer.vocab_size,
+                        tokenizer.vocab_size)
     cache = cfg.data.cache_dir or None
     train_split = encode_file(cfg.data.train, tokenizer, cache, "data.train", progress)
     valid_split = encode_file(cfg.data.valid, tokenizer, cache, "data.valid", progress)
@@ -694,8 +699,9 @@ class _Loop:
 
         bar = tqdm(total=self.total_steps if self.total_steps < 1 << 62 else None, initial=self.step,
                    disable=not self.progress, unit="step", dynamic_ncols=True, desc="train")
-        log.info("model: %s parameters, vocabulary %d, %d windows per epoch, device %s",
-                 f"{num_parameters(model):,}", self.tokenizer.vocab_size, self.windows_per_epoch, self.device)
+        log.info("model: %s parameters, vocabulary %d, %d window%s per epoch, device %s",
+                 f"{num_parameters(model):,}", self.tokenizer.vocab_size, self.windows_per_epoch,
+                 "s" * (self.windows_per_epoch != 1), self.device)
         model.train()
         self.params = list(model.parameters())
         self.run_loss = torch.zeros((), device=self.device)  # summed training loss since the last train record
