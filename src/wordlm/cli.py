@@ -359,6 +359,8 @@ def generate(
         line = sys.stdin.readline()
         if not line:
             break
+        if not line.strip():  # a blank line asks for nothing, as at a shell prompt
+            continue
         try:
             one(line.rstrip("\n"))
         except UsageError as e:
