@@ -32,6 +32,17 @@ def _cache_dir(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _python_sigint_handler():
+    """The Ctrl-C tests raise SIGINT and expect Python's own handler, whatever the suite inherited: a shell
+    script's background job (`make test &`) starts with SIGINT ignored, which training keeps ignored."""
+    import signal
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
 def write_lines(path: Path, lines) -> Path:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
