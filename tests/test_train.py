@@ -359,3 +359,24 @@ def test_a_sentencepiece_vocabulary_that_does_not_fit_the_text_is_reported(small
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"warning: tokenizer.vocab_size is 5000, but sentencepiece found only {got} pieces in the training text: "
         f"the vocabulary has {got}"]
+
+
+def test_resuming_on_a_changed_training_text_warns(small_corpus, tmp_path, caplog):
+    """--resume continues at the checkpoint's position in the text; if the text under data.train is no longer
+    the one the run began on, that position means something else, and the user is told."""
+    from pathlib import Path
+
+    cfg = tiny_config(small_corpus, max_steps=3)
+    train(cfg, tmp_path / "run")
+    cfg.train.max_steps = 6
+    with caplog.at_level("WARNING", logger="wordlm"):
+        train(cfg, tmp_path / "run", resume=True)
+    assert not [r for r in caplog.records if "not the text" in r.getMessage()]
+    text = Path(small_corpus["train"])
+    text.write_text(text.read_text() + "the cat sees the tree\n")
+    cfg.train.max_steps = 9
+    with caplog.at_level("WARNING", logger="wordlm"):
+        train(cfg, tmp_path / "run", resume=True)
+    assert [r.getMessage() for r in caplog.records if "not the text" in r.getMessage()] == [
+        f"resume: {text} is not the text this run was trained on (its SHA-256 has changed); training goes on from "
+        f"the checkpoint's step and stream position in the new text, so it will not match an uninterrupted run"]

@@ -91,6 +91,7 @@ class EncodedSplit:
     tokens: int  # real tokens (each line's tokens plus its <eos>)
     words: int  # whitespace words plus one per line end: the denominator of word-level perplexity
     path: str
+    sha256: str = ""  # of the text file: a resumed run tells whether its training text is the one it began on
 
 
 def encode_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | None = None,
@@ -98,14 +99,15 @@ def encode_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | 
     """Encode a text file with `tokenizer`, reusing the on-disk cache when the text and tokenizer match."""
     p = check_text_file(path, what)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = f"{file_sha256(p)[:24]}-{tokenizer.fingerprint()}-v{CACHE_VERSION}"
+    sha = file_sha256(p)
+    key = f"{sha[:24]}-{tokenizer.fingerprint()}-v{CACHE_VERSION}"
     ids_path, meta_path = cache / f"{key}.ids", cache / f"{key}.json"
     if ids_path.exists() and meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text())
             ids = np.memmap(ids_path, dtype=meta["dtype"], mode="r")
             if len(ids) == meta["tokens"] + 1:
-                return EncodedSplit(ids, meta["tokens"], meta["words"], str(p))
+                return EncodedSplit(ids, meta["tokens"], meta["words"], str(p), sha)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt below
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
@@ -145,7 +147,7 @@ def encode_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return EncodedSplit(np.memmap(ids_path, dtype=dtype, mode="r"), tokens, words, str(p))
+    return EncodedSplit(np.memmap(ids_path, dtype=dtype, mode="r"), tokens, words, str(p), sha)
 
 
 class Streams:

@@ -395,6 +395,11 @@ def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distrib
     cache = cfg.data.cache_dir or None
     train_split = encode_file(cfg.data.train, tokenizer, cache, "data.train", progress)
     valid_split = encode_file(cfg.data.valid, tokenizer, cache, "data.valid", progress)
+    began_on = (ckpt.train_state or {}).get("train_sha256") if ckpt is not None else None
+    if began_on and began_on != train_split.sha256 and dist.main:
+        log.warning("resume: %s is not the text this run was trained on (its SHA-256 has changed); training goes "
+                    "on from the checkpoint's step and stream position in the new text, so it will not match an "
+                    "uninterrupted run", cfg.data.train)
     ids = train_split.ids
     if dist.world > 1:  # this rank's contiguous share of the text
         n = (len(ids) - 1) // dist.world
@@ -411,7 +416,7 @@ def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distrib
             (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "config.toml").write_text(cfg.to_toml())
     return _Loop(cfg, out, device, dist, tokenizer, train_streams, valid_streams, ckpt, stop,
-                 progress and dist.main).run()
+                 progress and dist.main, train_split.sha256).run()
 
 
 def _streams(ids, batch_size, device, what, knob) -> Streams:
@@ -451,8 +456,10 @@ class _Loop:
     graph_backend = CudaGraphs  # how train.cuda_graphs records a step (the tests put a CPU stand-in here)
 
     def __init__(self, cfg: Config, out: Path, device: torch.device, dist: Distributed, tokenizer: Tokenizer,
-                 train_streams: Streams, valid_streams: Streams, ckpt, stop: _StopFlag, progress: bool):
+                 train_streams: Streams, valid_streams: Streams, ckpt, stop: _StopFlag, progress: bool,
+                 train_sha256: str = ""):
         self.cfg, self.tc, self.out, self.device, self.dist = cfg, cfg.train, out, device, dist
+        self.train_sha256 = train_sha256  # saved with the training state: a resume checks it is the same text
         self.tokenizer, self.train_streams, self.valid_streams = tokenizer, train_streams, valid_streams
         self.stop, self.progress = stop, progress
         tc = self.tc
@@ -517,6 +524,7 @@ class _Loop:
     def _train_state(self) -> dict:
         return {
             "step": self.step, "epoch": self.epoch, "row": self.row, "tokens": self.tokens,
+            "train_sha256": self.train_sha256,
             "elapsed_s": self.elapsed, "best_valid_loss": self.best, "bad_evals": self.bad_evals,
             "nonfinite_total": self.nonfinite_total, "last_eval_step": self.last_eval_step,
             "optimizer": _plain_lr(self.opt.state_dict()), "schedule": self.schedule.state_dict(),
