@@ -444,8 +444,8 @@ def info(
     typer.echo(f"checkpoint   {lm.path}\nparameters   {lm.num_parameters:,}\n"
                f"vocabulary   {lm.tokenizer.vocab_size:,} ({lm.tokenizer.kind})\nstep         {data['step']}")
     if history:
-        typer.echo(f"history      {history['steps']} steps, {history['tokens']:,} tokens, "
-                   f"{history['elapsed_s']:.0f}s, {history['validations']} validations, "
+        typer.echo(f"history      {_count(history['steps'], 'step')}, {history['tokens']:,} tokens, "
+                   f"{history['elapsed_s']:.0f}s, {_count(history['validations'], 'validation')}, "
                    f"best valid ppl {history['best_valid_ppl']:.2f} at step {history['best_step']}"
                    + (f"; validation took {history['valid_s_total']:.1f}s" if "valid_s_total" in history else "")
                    + (f"; peak memory {history['peak_mem_mb']:,.0f} MiB" if "peak_mem_mb" in history else ""))
