@@ -64,6 +64,23 @@ def test_int_is_accepted_for_float_but_not_bool_for_int():
         Config.from_dict({"train": {"batch_size": True}})
 
 
+def test_inf_and_nan_are_refused_and_a_key_outside_a_section_is_named(tmp_path):
+    # TOML writes inf and nan; nan passes every range check (each comparison is false), so it needs its own.
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({"train": {"lr": float("nan"), "clip": float("inf"), "time_budget_s": float("-inf")}})
+    assert sorted(e.value.problems) == ["train.clip must be a finite number, got inf",
+                                        "train.lr must be a finite number, got nan",
+                                        "train.time_budget_s must be a finite number, got -inf"]
+    with pytest.raises(ConfigError, match="train.lr must be a finite number, got inf"):
+        load_config(ROOT / "configs" / "demo.toml", ["train.lr=1e999"])
+    top = tmp_path / "top.toml"
+    top.write_text("lr = 1\n[train]\nepochs = 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(top)
+    assert e.value.problems == ["lr = 1 is outside any section; put it under one of [data], [tokenizer], [model], "
+                                "[train]"]
+
+
 def test_overrides_parse_as_toml_and_win(tmp_path):
     assert parse_override("train.lr=3e-3") == ("train", "lr", 0.003)
     assert parse_override("train.device=cuda") == ("train", "device", "cuda")

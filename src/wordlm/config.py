@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -206,6 +207,10 @@ def _coerce(value: Any, t: type) -> tuple[bool, Any]:
 def _build(raw: dict[str, Any]) -> tuple[Config, list[str]]:
     cfg, problems = Config(), []
     for section, values in raw.items():
+        if section not in SECTIONS and not isinstance(values, dict):
+            problems.append(f"{section} = {values!r} is outside any section; put it under one of "
+                            f"{', '.join(f'[{s}]' for s in SECTIONS)}")
+            continue
         if section not in SECTIONS:
             problems.append(f"unknown section [{section}] (sections: {', '.join(SECTIONS)})")
             continue
@@ -241,6 +246,9 @@ def validate(cfg: Config) -> list[str]:
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):
             v, m, key = getattr(obj, f.name), f.metadata, f"{section}.{f.name}"
+            if isinstance(v, float) and not math.isfinite(v):  # TOML's inf and nan: no knob means either
+                problems.append(f"{key} must be a finite number, got {v!r}")
+                continue
             if "choices" in m and v not in m["choices"]:
                 problems.append(f"{key} must be one of {', '.join(m['choices'])}, got {v!r}")
             if "min" in m and v < m["min"]:
