@@ -389,3 +389,29 @@ def test_dynamic_grid_never_chooses_a_diverged_point(lm, monkeypatch):
     monkeypatch.setattr(wordlm.evaluate, "dynamic_total_nll", scripted)
     text = ROOT / "data" / "tiny" / "valid.txt"
     assert lm.evaluate_dynamic(text, grid_on=text, ms_windows=2, seq_len=5)["dynamic"]["lr"] == 3e-6
+
+
+def test_dynamic_evaluation_refuses_non_finite_settings_and_reports_divergence(lm, monkeypatch, caplog):
+    import wordlm.evaluate
+    from wordlm.errors import UsageError
+
+    text = ROOT / "data" / "tiny" / "valid.txt"
+    for lr, decay, flag in ((math.inf, 0.0, "--dyn-lr"), (1e-4, math.nan, "--dyn-lambda")):
+        with pytest.raises(UsageError, match=f"{flag} must be a finite number >= 0"):
+            lm.evaluate_dynamic(text, lr, decay)
+
+    def blown_up(model, streams, seq_len, lr, decay, ms):  # 5,000 nats a token: exp() of it overflows a float
+        return 5000.0 * 100, 100
+
+    monkeypatch.setattr(wordlm.evaluate, "dynamic_total_nll", blown_up)
+    with caplog.at_level("WARNING", logger="wordlm"):
+        r = lm.evaluate_dynamic(text, 1e6, 0.0, ms_windows=2)
+    assert r["ppl"] == math.inf and r["loss"] == 5000.0  # once an OverflowError's traceback
+    assert [m.getMessage() for m in caplog.records] == [
+        "warning: dynamic evaluation diverged at lr 1e+06 (perplexity inf, above the vocabulary's 142, which a "
+        "uniform guess gets): use a smaller --dyn-lr, or leave it out to choose one on the validation split"]
+    monkeypatch.setattr(wordlm.evaluate, "dynamic_total_nll", lambda *a: (math.log(50.0) * 100, 100))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wordlm"):
+        assert lm.evaluate_dynamic(text, 1e-4, 0.0, ms_windows=2)["ppl"] == pytest.approx(50.0)
+    assert not caplog.records

@@ -22,7 +22,7 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .data import Streams, encode_file
 from .errors import DataError, UsageError
-from .evaluate import bf16_refusal, bf16_supported, eval_window, report, total_nll
+from .evaluate import bf16_refusal, bf16_supported, eval_window, perplexity, report, total_nll
 from .generate import check_sampling, continue_ids, read_context
 from .model import build_model, num_parameters, resolve_device
 from .tokenizer import Tokenizer
@@ -140,6 +140,9 @@ class LanguageModel:
         """
         from .evaluate import dynamic_total_nll, gradient_ms
 
+        for flag, v in (("--dyn-lr", lr), ("--dyn-lambda", decay)):
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise UsageError(f"{flag} must be a finite number >= 0, got {v}")
         ms_path = self.config.data.train if Path(self.config.data.train or "/nonexistent").is_file() else grid_on
         if ms_path is None:
             raise UsageError("dynamic evaluation needs the training text (data.train) or a validation text")
@@ -165,7 +168,7 @@ class LanguageModel:
             def point(a: float, d: float) -> dict:
                 started = time.perf_counter()
                 nll, n = dynamic_total_nll(self.model, grid_streams, seq_len, a, d, ms)
-                grid.append({"lr": a, "decay": d, "ppl": math.exp(nll / n)})
+                grid.append({"lr": a, "decay": d, "ppl": perplexity(nll / n)})
                 log.info("dynamic: lr %g, lambda %g: ppl %.2f on the first %d tokens of %s (%.1fs)", a, d,
                          grid[-1]["ppl"], n, Path(grid_on).name, time.perf_counter() - started)
                 return grid[-1]
@@ -191,6 +194,10 @@ class LanguageModel:
         log.info("dynamic: lr %g, lambda %g over %s (%d updates of %d tokens)", chosen["lr"], chosen["decay"],
                  Path(path).name, math.ceil((len(split.ids) - 1) // batch_size / seq_len), seq_len)
         nll, n = dynamic_total_nll(self.model, streams, seq_len, chosen["lr"], chosen["decay"], ms)
+        if not nll / n <= math.log(self.tokenizer.vocab_size):  # worse than a uniform guess, or nan
+            log.warning("warning: dynamic evaluation diverged at lr %g (perplexity %s, above the vocabulary's %d, "
+                        "which a uniform guess gets): use a smaller --dyn-lr, or leave it out to choose one on the "
+                        "validation split", chosen["lr"], f"{perplexity(nll / n):.4g}", self.tokenizer.vocab_size)
         out = report(nll, n, split, subword=self.tokenizer.kind != "word", unk_id=self.tokenizer.unk_id)
         return {**out, "total_nll": nll, "dynamic": {**chosen, "batch_size": batch_size, "seq_len": seq_len,
                                                      "grid": grid}}

@@ -89,6 +89,11 @@ def total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int = 70,
     return total.item(), streams.targets
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), and inf where that overflows a float (a diverged model: loss above about 709 nats)."""
+    return math.exp(loss) if loss < 709.0 or math.isnan(loss) else math.inf
+
+
 def report(nll: float, targets: int, split: EncodedSplit | None = None, subword: bool = False,
            unk_id: int | None = None) -> dict:
     """The figures users read. For subword tokenizers also word-level perplexity: the same total loss spread
@@ -97,14 +102,14 @@ def report(nll: float, targets: int, split: EncodedSplit | None = None, subword:
     With `unk_id`, also how many of the split's tokens are <unk> (words the tokenizer never saw in training, or
     written <unk> in the text, as PTB does): predicting <unk> is easy, so many of them flatter the perplexity."""
     loss = nll / targets
-    out = {"loss": loss, "ppl": math.exp(loss), "bits_per_token": loss / math.log(2), "tokens": targets}
+    out = {"loss": loss, "ppl": perplexity(loss), "bits_per_token": loss / math.log(2), "tokens": targets}
     if split is not None and unk_id is not None:
         out["unk_tokens"] = int((split.ids[1:] == unk_id).sum())
         out["unk_share"] = out["unk_tokens"] / split.tokens
     if split is not None and subword:
         total_for_split = loss * split.tokens
         out["words"] = split.words
-        out["word_ppl"] = math.exp(total_for_split / split.words)
+        out["word_ppl"] = perplexity(total_for_split / split.words)
     return out
 
 
