@@ -415,3 +415,19 @@ def test_dynamic_evaluation_refuses_non_finite_settings_and_reports_divergence(l
     with caplog.at_level("WARNING", logger="wordlm"):
         assert lm.evaluate_dynamic(text, 1e-4, 0.0, ms_windows=2)["ppl"] == pytest.approx(50.0)
     assert not caplog.records
+
+
+def test_the_python_api_checks_its_arguments(lm):
+    """What the CLI's options check, the Python API checks too: one UsageError, no stray ValueError or silently
+    empty result."""
+    from wordlm.errors import UsageError
+
+    one = lm.score("why do we need a recurrent neural network")  # a string is one sentence, not its characters
+    assert len(one) == 1 and one == lm.score(["why do we need a recurrent neural network"])
+    text = ROOT / "data" / "tiny" / "valid.txt"
+    with pytest.raises(UsageError, match="seq_len must be >= 1, got 0"):
+        lm.evaluate(text, seq_len=0)
+    with pytest.raises(UsageError, match="--dyn-seq-len must be >= 1, got 0"):
+        lm.evaluate_dynamic(text, 1e-4, 0.0, seq_len=0)
+    with pytest.raises(UsageError, match="--num-samples must be >= 1, got 0"):
+        lm.generate_many("why", 3, num_samples=0)

@@ -114,6 +114,8 @@ class LanguageModel:
         if cuda_graphs and not CudaGraphs.supports(self.device):
             raise UsageError(f"--cuda-graphs needs a CUDA device and the model is on {self.device}: drop "
                              f"--cuda-graphs or use --device cuda")
+        if seq_len is not None and seq_len < 1:
+            raise UsageError(f"seq_len must be >= 1, got {seq_len}")
         split, streams = self._streams(path, batch_size)
         if seq_len is None:
             seq_len = eval_window(batch_size, self.tokenizer.vocab_size, self.config.train.seq_len)
@@ -140,6 +142,8 @@ class LanguageModel:
         """
         from .evaluate import dynamic_total_nll, gradient_ms
 
+        if seq_len < 1:
+            raise UsageError(f"--dyn-seq-len must be >= 1, got {seq_len}")
         for flag, v in (("--dyn-lr", lr), ("--dyn-lambda", decay)):
             if v is not None and not (math.isfinite(v) and v >= 0):
                 raise UsageError(f"{flag} must be a finite number >= 0, got {v}")
@@ -215,6 +219,8 @@ class LanguageModel:
 
         Arguments and the prompt are checked here, before the first piece is asked for."""
         check_sampling(temperature, top_k, top_p)
+        if num_samples < 1:
+            raise UsageError(f"--num-samples must be >= 1, got {num_samples}")
         ctx = self.context_ids(prompt)
         steps = continue_ids(self.model, ctx, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=seed, num_samples=num_samples)
@@ -296,8 +302,11 @@ class LanguageModel:
         return [{"word": w, "prob": math.exp(lp), "logprob": lp} for w, lp in best]
 
     @torch.no_grad()
-    def score(self, sentences: list[str]) -> list[dict]:
-        """Log-probability of each sentence as one line: its tokens then <eos>, read from a fresh state."""
+    def score(self, sentences: list[str] | str) -> list[dict]:
+        """Log-probability of each sentence as one line: its tokens then <eos>, read from a fresh state. A single
+        string is one sentence."""
+        if isinstance(sentences, str):  # not its characters, one by one
+            sentences = [sentences]
         results = []
         for s in sentences:
             if not s.strip():
