@@ -118,6 +118,21 @@ def test_python_m_wordlm():
     assert out.stdout.strip() == "wordlm 0.1.0"
 
 
+def test_a_projected_lstm_on_the_cpu_shows_no_pytorch_warning(tmp_path):
+    """oneDNN has no LSTM with projections, and PyTorch says so with its source path on every forward pass that
+    runs one; the CLI says it once, in a line of its own. (A subprocess: pytest would catch the warning itself.)"""
+    out = tmp_path / "run"
+    train_cmd = [sys.executable, "-m", "wordlm", "train", "--config", str(ROOT / "configs" / "demo.toml"), "--out",
+                 str(out), "--set", "model.proj_size=32", "--set", "model.embedding_size=32", "--set",
+                 "train.max_steps=2"]
+    proc = subprocess.run(train_cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "model.proj_size: oneDNN has no LSTM kernel with projections" in proc.stderr
+    assert "UserWarning" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "wordlm", "eval", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr
+
+
 def test_an_operating_system_error_is_one_line_and_exit_1(demo_run, monkeypatch):
     """What wordlm cannot foresee from the file system (no permission, a full disk) still reaches the user as one
     line naming the file, not a traceback."""

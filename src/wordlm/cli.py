@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -51,6 +52,9 @@ def main(
     side_rank = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 tells how the run goes
     logger.setLevel(logging.WARNING if quiet or side_rank else logging.INFO)
     logger.propagate = False
+    # PyTorch's note that oneDNN has no LSTM with projections comes with its source path on every command that
+    # runs such a model on the CPU; training says it once in its own words (train.py), the rest need not.
+    warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
 
 
 class _EchoHandler(logging.Handler):

@@ -710,6 +710,9 @@ class _Loop:
         log.info("model: %s parameters, vocabulary %d, %d window%s per epoch, device %s",
                  f"{num_parameters(model):,}", self.tokenizer.vocab_size, self.windows_per_epoch,
                  "s" * (self.windows_per_epoch != 1), self.device)
+        if self.cfg.model.proj_size and self.device.type == "cpu":
+            log.info("model.proj_size: oneDNN has no LSTM kernel with projections, so the CPU runs PyTorch's "
+                     "generic one")
         model.train()
         self.params = list(model.parameters())
         self.run_loss = torch.zeros((), device=self.device)  # summed training loss since the last train record
