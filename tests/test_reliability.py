@@ -239,6 +239,28 @@ def test_a_run_that_fails_before_writing_removes_the_folders_it_made(small_corpu
     assert (ran / ".lock").is_file() and (ran / "best").is_dir()  # a run's own lock file stays with it
 
 
+def test_a_run_refused_by_the_lock_leaves_the_other_runs_folder_and_lock_alone(small_corpus, tmp_path, monkeypatch):
+    """Two runs started at once on a new --out: the one that loses the lock must not clean up the folder and lock
+    file the winner has just made (it would have seen neither before it began)."""
+    import wordlm.train
+
+    holder = {}
+
+    class ArrivesSecond(RunLock):
+        def __enter__(self):
+            holder["other"] = RunLock(self.path.parent).__enter__()  # the other process takes it first
+            return super().__enter__()
+
+    monkeypatch.setattr(wordlm.train, "RunLock", ArrivesSecond)
+    run = tmp_path / "new" / "run"
+    try:
+        with pytest.raises(RunLockedError):
+            train(tiny_config(small_corpus, max_steps=2), run)
+        assert (run / ".lock").is_file()
+    finally:
+        holder["other"].__exit__(None, None, None)
+
+
 def _nan_at(monkeypatch, steps: set[int]):
     """Make the model's loss NaN on the given (1-based) training calls."""
     original = LSTMLanguageModel.forward

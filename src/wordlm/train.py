@@ -120,6 +120,7 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
         self.fd: int | None = None
+        self.acquired = False  # whether this process held the lock (a failed run may then clean up after itself)
 
     def __enter__(self) -> RunLock:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -129,6 +130,7 @@ class RunLock:
             os.close(self.fd)
             raise RunLockedError(f"{self.path.parent} is in use by another training process; wait for it to "
                                  f"finish or use another --out directory") from None
+        self.acquired = True
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
         return self
@@ -354,15 +356,15 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create the run directory ({e.strerror}); choose another "
                           f"--out") from None
-    finished = False
+    finished, lock = False, RunLock(out) if dist.main else None
     try:
-        with RunLock(out) if dist.main else contextlib.nullcontext(), _StopFlag() as stop:
+        with lock or contextlib.nullcontext(), _StopFlag() as stop:
             result = _prepare_and_run(cfg, out, device, dist, ckpt, stop, overwrite, progress)
         finished = True
         return result
     finally:
         dist.stop(wait_for_all=finished)
-        if not finished and dist.main:
+        if not finished and lock is not None and lock.acquired:  # not another process's new folder and lock
             _remove_if_unused(out, made, lock_is_new)
 
 
