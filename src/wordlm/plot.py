@@ -84,6 +84,10 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     if not tr and not va:
         raise UsageError(f"{run / 'metrics.jsonl'} has no train or valid records yet")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    kind = out.suffix[1:].lower()
+    if kind and kind not in fig.canvas.get_supported_filetypes():
+        plt.close(fig)
+        raise UsageError(f"--out {out}: matplotlib cannot write .{kind} files; end the name in .png, .svg or .pdf")
     if tr:
         ax1.plot([r["tokens"] for r in tr], [r["loss"] for r in tr], label="train", lw=1.2)
         ax2.plot([r["elapsed_s"] for r in tr], [r["ppl"] for r in tr], label="train", lw=1.2)
