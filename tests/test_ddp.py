@@ -129,3 +129,26 @@ def test_two_process_training_resumes_exactly(small_corpus, tmp_path):
                                                     .splitlines()) if r["event"] == "train"]
               for run in ("straight", "cut")]
     assert losses[0] == losses[1]
+
+
+def test_nproc_is_checked_against_the_gpus_and_cores(monkeypatch):
+    """More processes than GPUs is refused before any starts (each process takes a GPU of its own); more than the
+    CPU cores is a warning."""
+    from typer.testing import CliRunner
+
+    import wordlm.cli
+    from wordlm.cli import app
+
+    launched = []
+    monkeypatch.setattr(wordlm.cli, "_torchrun", lambda n: launched.append(n) or sys.exit(0))
+    demo = str(Path(__file__).resolve().parent.parent / "configs" / "demo.toml")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    r = CliRunner().invoke(app, ["train", "--config", demo, "--nproc", "3", "--set", "train.device=cpu"])
+    assert r.exit_code == 0 and launched == [3]
+    assert "warning: --nproc 3 is more processes than this machine's 2 CPU cores: they will take turns on them" \
+        in r.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    r = CliRunner().invoke(app, ["train", "--config", demo, "--nproc", "2", "--set", "train.device=cuda"])
+    assert r.exit_code == 2 and launched == [3]
+    assert r.output.strip() == "error: --nproc 2 runs one process per GPU, but 1 GPU is visible: use --nproc 1 or fewer"

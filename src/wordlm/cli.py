@@ -159,6 +159,7 @@ def train(
             raise CheckpointError(f"nothing to resume in {out}: it has no config.toml; give the run's --config PATH")
     cfg = load_config(config, set_ or [])  # a bad config fails here, before any process is started
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _check_nproc(nproc, cfg.train.device)
         _torchrun(nproc)
     out = out or Path("runs") / config.stem
 
@@ -172,6 +173,25 @@ def train(
                f"{result.tokens:,} tokens in {result.elapsed_s:.1f}s; peak memory {result.peak_mem_mb:,.0f} MiB")
     typer.echo(f"best validation: loss {result.best_valid_loss:.4f}, ppl {result.best_valid_ppl:.2f}")
     typer.echo(f"checkpoints: {out / 'best'}  {out / 'last'}")
+
+
+def _check_nproc(nproc: int, device: str) -> None:
+    """Before any process starts: on GPUs each process takes one of its own; on the CPU, processes beyond the
+    cores take turns."""
+    import torch
+
+    from .errors import ConfigError
+    from .model import resolve_device
+
+    if resolve_device(device).type == "cuda":
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise ConfigError(f"--nproc {nproc} runs one process per GPU, but {gpus} GPU{'s' * (gpus != 1)} "
+                              f"{'is' if gpus == 1 else 'are'} visible: use --nproc {gpus} or fewer")
+    elif nproc > (os.cpu_count() or 1):
+        logging.getLogger("wordlm").warning(
+            "warning: --nproc %d is more processes than this machine's %d CPU cores: they will take turns on them",
+            nproc, os.cpu_count() or 1)
 
 
 def _torchrun(nproc: int) -> None:
