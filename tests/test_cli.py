@@ -291,3 +291,15 @@ def test_each_rank_checks_bf16_on_its_own_gpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert Distributed().device(torch.device("cuda")) == torch.device("cuda")
+
+
+def test_a_perplexity_past_a_floats_range_prints_as_inf():
+    """The metrics file caps perplexity at exp(700) so that it stays JSON; what the user reads says inf, not a
+    300-digit number."""
+    import math
+
+    from wordlm.cli import _ppl
+
+    assert _ppl(math.log(20.0)) == "20.00"
+    assert _ppl(800.0) == _ppl(math.inf) == "inf"
+    assert _ppl(math.nan) == "nan"

@@ -117,6 +117,13 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'s' * (n != 1)}"
 
 
+def _ppl(loss: float) -> str:
+    """exp(loss) to two decimals; inf where it overflows (the metrics file caps it at exp(700) to stay JSON)."""
+    from .evaluate import perplexity
+
+    return f"{perplexity(loss):.2f}"
+
+
 def _out_of_memory(e: RuntimeError) -> bool:
     text = str(e)
     return type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
@@ -171,7 +178,7 @@ def train(
         return
     typer.echo(f"{result.stop_reason}: {_count(result.steps, 'step')}, {result.epochs_done:g} epochs, "
                f"{result.tokens:,} tokens in {result.elapsed_s:.1f}s; peak memory {result.peak_mem_mb:,.0f} MiB")
-    typer.echo(f"best validation: loss {result.best_valid_loss:.4f}, ppl {result.best_valid_ppl:.2f}")
+    typer.echo(f"best validation: loss {result.best_valid_loss:.4f}, ppl {_ppl(result.best_valid_loss)}")
     typer.echo(f"checkpoints: {out / 'best'}  {out / 'last'}")
 
 
@@ -261,7 +268,8 @@ def finetune(
     cfg = Config.from_dict(raw)
     result = run_training(cfg, out, overwrite=overwrite, init_from=ck.path,
                           progress=sys.stderr.isatty() if progress is None else progress)
-    typer.echo(f"{result.stop_reason}: {result.steps} steps; best validation ppl {result.best_valid_ppl:.2f}")
+    typer.echo(f"{result.stop_reason}: {_count(result.steps, 'step')}; best validation ppl "
+               f"{_ppl(result.best_valid_loss)}")
     typer.echo(f"checkpoints: {out / 'best'}  {out / 'last'}")
 
 
