@@ -10,25 +10,27 @@
 #   medium: configs/ptb-medium-gpu.toml with its 90 s budget, then with 60 s, each evaluated on test at
 #           batch 1, with the time to validation perplexity 80;
 #   paper:  configs/ptb-medium.toml (the paper's recipe, 39 epochs), for whatever time is left;
-#   fast:   issue #3's "validation 79.4 in under 60 s": configs/ptb-medium-gpu-60s.toml (which met it once, on an
-#           H200: 79.4 passed at 44 s, test 73.77, docs/RESULTS.md) with the seeds in SEEDS (default 1111 2 3),
-#           each with its test pass: whether that was one seed's luck; not in the default parts (about 85 s a
-#           seed; a call of its own: GRAPHS=true PARTS=fast LIMIT=280)
+#   fast:   issue #3's "validation 79.4 in under 60 s": configs/ptb-medium-gpu-60s.toml with the seeds in SEEDS
+#           (default 1111 2 3), each with its test pass (seed 1111 on an H200, 2 and 3 on an H100 met it: 79.4
+#           passed at 44.0, 44.9 and 45.1 s, test 73.77, 74.11, 73.76, docs/RESULTS.md); not in the default
+#           parts (about 85 s a seed; a call of its own: GRAPHS=true PARTS=fast LIMIT=280)
 #   sweep:  variants of SWEEP_CONFIG (default configs/ptb-medium-gpu-60s.toml; SWEEP="set set;set ...", default:
 #           lr 50, less dropout between the layers and on the output, batch 96, weight drop 0.2, AR/TAR at half
 #           strength; none tried yet) in 58 s budgets, validation only: which reaches valid 79.4 soonest; as
 #           many as fit in LIMIT (about 75 s each). The earlier sweep on ptb-medium-gpu.toml (AR/TAR, variational
 #           dropout, lr 40, batch 96 and 48) is in docs/RESULTS.md;
 #   awdbatch: the AWD model's step time at batch 20, 40 and 80 (AWD_BATCHES), with the recipe's graphs and
-#           precision (benchmarks/gpu.py --batch-sweep, about 40 s): the 494 s run at batch 80 got 31,936 steps
-#           and overfit after 132 epochs; a smaller batch buys more steps per epoch if a step gets cheaper.
+#           precision (benchmarks/gpu.py --batch-sweep, about 40 s): at batch 80 the runs of 489 and 494 s got
+#           about 31,000 steps and the raw iterate levelled off near valid 70 to 72; a smaller batch buys more
+#           steps per epoch if a step gets cheaper (the next AWD call: PARTS="awdbatch awd" AWD_BATCH=auto).
 #           It suggests the smallest batch with at least 0.7 of batch 80's tokens/s; AWD_BATCH=auto makes the
 #           awd part in the same call train at it (AWD_BATCH=N: at N);
 #   awd:    configs/ptb-awd-gpu-asgd.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT: constant lr
-#           30, NT-ASGD averaging from 70% of it at the latest; not run yet), not in the default parts: it fills a
-#           call. AWD_SETS="--set k=v ..." changes the recipe; AWD_CONFIG=configs/ptb-awd-gpu.toml runs the
-#           cosine recipe without averaging (overfit on an H100: test 68.34, docs/RESULTS.md) and
-#           AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32), stopped by the same budget.
+#           30, NT-ASGD averaging from 70% of it at the latest; on an H100 in 489 s: test 64.30, docs/RESULTS.md),
+#           not in the default parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe;
+#           AWD_CONFIG=configs/ptb-awd-gpu.toml runs the cosine recipe without averaging (overfit on an H100:
+#           test 68.34, docs/RESULTS.md) and AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32),
+#           stopped by the same budget.
 #   wt2:    configs/wt2-medium.toml on WikiText-2 (DATA_WT2, default ../shared/data/wikitext-2; on a lent
 #           machine cp -r ../shared/data/wikitext-2 .gpu_data/ and DATA_WT2=.gpu_data/wikitext-2), the paper's
 #           recipe with train.cuda_graphs, stopped by what is left of LIMIT (not in the default parts);
