@@ -67,10 +67,14 @@ def places(demo_run, tmp_path_factory):
     (mismatch / "meta.json").write_text(json.dumps(meta))
     locked = tmp / "locked"
     locked.mkdir()
+    own = tmp / "own"  # a folder of the user's, holding the config to train
+    own.mkdir()
+    (own / "config.toml").write_text("# my experiment\n" + (ROOT / "configs" / "demo.toml").read_text())
     return {"tmp": str(tmp / "scratch"), "cfg": str(ROOT / "configs" / "demo.toml"), "run": str(run_copy),
             "empty": str(tmp / "empty.txt"), "latin1": str(tmp / "latin1.txt"), "binary": str(tmp / "binary.txt"),
             "short": str(tmp / "short.txt"), "notoml": str(tmp / "notoml.toml"), "corrupt": str(corrupt),
-            "pickled": str(pickled), "mismatch": str(mismatch), "locked": str(locked)}
+            "pickled": str(pickled), "mismatch": str(mismatch), "locked": str(locked),
+            "own": str(own)}
 
 
 def test_the_table_is_there():

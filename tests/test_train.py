@@ -2,6 +2,7 @@ import json
 import math
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from wordlm.checkpoint import load_checkpoint
 from wordlm.config import Config, TrainConfig
 from wordlm.errors import ConfigError
-from wordlm.train import Schedule, train
+from wordlm.train import RUN_CONFIG_HEADER, Schedule, train
 
 from conftest import needs_cpu_bf16, tiny_config, train_until_sigint, write_lines
 
@@ -67,6 +68,31 @@ def test_refuses_to_overwrite_a_run_without_being_asked(small_corpus, tmp_path):
         train(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "best" / "model.pt").read_bytes() == before
     train(cfg, tmp_path / "run", overwrite=True)
+
+
+def test_a_config_toml_of_the_users_own_in_out_is_not_replaced_without_being_asked(small_corpus, tmp_path):
+    # `--out .`, or the folder that holds the config being trained: the run would write its config.toml over it.
+    own = tmp_path / "mine"
+    own.mkdir()
+    text = "# my notes on this experiment\n[train]\nlr = 1.0\n"
+    (own / "config.toml").write_text(text)
+    cfg = tiny_config(small_corpus, max_steps=2)
+    with pytest.raises(ConfigError, match="holds a config.toml that wordlm did not write"):
+        train(cfg, own)
+    assert (own / "config.toml").read_text() == text
+    assert sorted(p.name for p in own.iterdir()) == ["config.toml"]  # no lock file, no run begun
+    train(cfg, own, overwrite=True)  # asked: replaced
+    assert (own / "config.toml").read_text().startswith(RUN_CONFIG_HEADER)
+
+
+def test_a_config_toml_left_by_a_run_that_wrote_nothing_else_may_be_replaced(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, max_steps=2)
+    train(cfg, tmp_path / "run")
+    for name in ("best", "last"):  # as if it had died before its first record
+        shutil.rmtree(tmp_path / "run" / name)
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "best").is_dir()
 
 
 def test_patience_stops_after_that_many_validations_without_improvement(small_corpus, tmp_path, monkeypatch):

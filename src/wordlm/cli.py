@@ -31,7 +31,20 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-RunArg = Annotated[Path, typer.Argument(help="a run directory (uses best/) or a checkpoint directory")]
+
+
+def _path(value: str | Path) -> Path:
+    """A path argument. An empty one (`--out "$RUN"` with RUN unset) is refused: as a Path it would be the current
+    directory, where a run would write its files among the user's own."""
+    if isinstance(value, Path):
+        return value
+    if not value.strip():
+        raise typer.BadParameter("is empty; give a path (an unset shell variable?)")
+    return Path(value)
+
+
+RunArg = Annotated[Path, typer.Argument(parser=_path, metavar="RUN",
+                                        help="a run directory (uses best/) or a checkpoint directory")]
 
 
 def _version(value: bool) -> None:
@@ -141,9 +154,10 @@ def _allocation(e: RuntimeError) -> str:
 @app.command()
 @_cli
 def train(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config (see configs/)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", parser=_path,
+                                                    help="TOML config (see configs/)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: --set train.lr=0.5")] = None,
-    out: Annotated[Path | None, typer.Option(help="run directory (default: runs/CONFIG_NAME)")] = None,
+    out: Annotated[Path | None, typer.Option(parser=_path, help="run directory (default: runs/CONFIG_NAME)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last/ checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
     progress: Annotated[bool | None, typer.Option(help="progress bar (default: when stderr is a terminal)")]
@@ -247,7 +261,7 @@ def _torchrun(nproc: int) -> None:
 @_cli
 def finetune(
     run: RunArg,
-    out: Annotated[Path, typer.Option(help="run directory for the finetuned model")],
+    out: Annotated[Path, typer.Option(parser=_path, help="run directory for the finetuned model")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key of the run's config")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
     progress: Annotated[bool | None, typer.Option(help="progress bar (default: when stderr is a terminal)")]
@@ -288,7 +302,7 @@ class Precision(StrEnum):
 def eval_(
     run: RunArg,
     split: Annotated[Split, typer.Option(help="which split of the run's config to read")] = Split.valid,
-    data: Annotated[Path | None, typer.Option(help="evaluate this text file instead of a split")] = None,
+    data: Annotated[Path | None, typer.Option(parser=_path, help="evaluate this text file instead of a split")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="parallel streams; 1 gives every token full context")]
     = 10,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
@@ -428,7 +442,7 @@ def predict(
 def score(
     run: RunArg,
     sentences: Annotated[list[str] | None, typer.Argument(help="sentences to score")] = None,
-    file: Annotated[Path | None, typer.Option(help="also score each line of this file")] = None,
+    file: Annotated[Path | None, typer.Option(parser=_path, help="also score each line of this file")] = None,
     json_: Annotated[bool, typer.Option("--json", help="print a JSON list as the last line")] = False,
 ) -> None:
     """Log-probability and perplexity of sentences, ranked from most to least likely."""
@@ -496,8 +510,8 @@ def info(
 @app.command()
 @_cli
 def plot(
-    run: Annotated[Path, typer.Argument(help="a run directory (with metrics.jsonl)")],
-    out: Annotated[Path | None, typer.Option(help="PNG to write (default: RUN/curves.png)")] = None,
+    run: Annotated[Path, typer.Argument(parser=_path, metavar="RUN", help="a run directory (with metrics.jsonl)")],
+    out: Annotated[Path | None, typer.Option(parser=_path, help="PNG to write (default: RUN/curves.png)")] = None,
 ) -> None:
     """A PNG of training and validation loss/perplexity against tokens seen and wall time."""
     from .plot import plot_run
@@ -509,7 +523,7 @@ def plot(
 @_cli
 def export(
     run: RunArg,
-    out: Annotated[Path, typer.Option(help="file to write, e.g. model.pt2")],
+    out: Annotated[Path, typer.Option(parser=_path, help="file to write, e.g. model.pt2")],
 ) -> None:
     """Write a standalone next-token step (torch.export) that runs without wordlm installed."""
     from .api import LanguageModel

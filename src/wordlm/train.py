@@ -256,6 +256,21 @@ def should_average(history: list[float], nonmono: int) -> bool:
     return len(before) > nonmono and newest > min(before[:-nonmono])
 
 
+RUN_CONFIG_HEADER = "# The config of this run, as wordlm train resolved it (--set overrides included).\n"
+
+
+def _foreign_config(path: Path) -> bool:
+    """Whether `path` is a config.toml that a run did not write (a run that failed before its first record leaves
+    its own, which a new run may replace)."""
+    if not path.is_file():  # nothing there, or `--out` under a file: the checks that follow say so
+        return False
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return f.readline() != RUN_CONFIG_HEADER
+    except OSError:  # unreadable: not one a run wrote
+        return True
+
+
 def _has_run(out: Path) -> bool:
     names = ("last", "best", ".last.old", ".best.old", "metrics.jsonl")
     return any((out / n).exists() for n in names)
@@ -330,6 +345,11 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     if not resume and out.is_dir() and _has_run(out) and not overwrite:
         raise ConfigError(f"{out} already holds a run; continue it with --resume, start over with --overwrite, "
                           f"or choose another --out")
+    if not resume and not overwrite and not _has_run(out) and _foreign_config(out / "config.toml"):
+        # A folder of the user's own (`--out .`, or the folder that holds the config being trained): the run would
+        # write its resolved config.toml over theirs, comments and all.
+        raise ConfigError(f"{out} holds a config.toml that wordlm did not write, and training there would replace "
+                          f"it: choose another --out (or add --overwrite to replace it)")
 
     for what in ("train", "valid"):  # fail fast, before any slow work, on files that are not there
         check_text_file(getattr(cfg.data, what), f"data.{what}")
@@ -416,7 +436,7 @@ def _prepare_and_run(cfg: Config, out: Path, device: torch.device, dist: Distrib
             for name in ("last", "best", ".last.old", ".best.old", ".last.tmp", ".best.tmp"):
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "config.toml").write_text(cfg.to_toml())
+        (out / "config.toml").write_text(RUN_CONFIG_HEADER + cfg.to_toml())
     return _Loop(cfg, out, device, dist, tokenizer, train_streams, valid_streams, ckpt, stop,
                  progress and dist.main, train_split.sha256).run()
 
