@@ -113,3 +113,10 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     p = tmp_path / "resolved.toml"
     p.write_text(cfg.to_toml())
     assert load_config(p) == cfg
+
+
+def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path):
+    # Windows editors start UTF-8 files with one; tomllib reads it as a stray character at line 1, column 1.
+    f = tmp_path / "x.toml"
+    f.write_bytes(b"\xef\xbb\xbf[train]\nlr = 0.5\n")
+    assert load_config(f).train.lr == 0.5

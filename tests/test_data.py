@@ -78,3 +78,19 @@ def test_bad_files_are_named_with_the_problem(tmp_path):
         list(iter_lines(tmp_path, "data.train"))
     with pytest.raises(DataError, match="does not exist"):
         list(iter_lines(tmp_path / "nope.txt", "data.train"))
+
+
+def test_a_byte_order_mark_and_windows_line_ends_are_not_text(tmp_path):
+    # Windows editors save UTF-8 with a byte-order mark and CRLF line ends: neither may become part of a word.
+    plain, windows = tmp_path / "plain.txt", tmp_path / "windows.txt"
+    plain.write_bytes(b"the cat sat\nthe dog\n")
+    windows.write_bytes(b"\xef\xbb\xbfthe cat sat\r\nthe dog\r\n")
+    assert list(iter_lines(windows)) == list(iter_lines(plain)) == ["the cat sat", "the dog"]
+    tok = WordTokenizer.fit(iter_lines(windows))
+    assert sorted(w for w in tok.itos if not w.startswith("<")) == ["cat", "dog", "sat", "the"]
+    assert encode_file(windows, tok, tmp_path / "cache").ids.tolist() == \
+        encode_file(plain, tok, tmp_path / "cache").ids.tolist()
+    # a mark anywhere but at the very start is the text's own (U+FEFF as a zero-width no-break space)
+    inner = tmp_path / "inner.txt"
+    inner.write_bytes(b"a\n\xef\xbb\xbfb\n")
+    assert list(iter_lines(inner)) == ["a", "\ufeffb"]

@@ -325,7 +325,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         kind = "a directory" if p.is_dir() else "not a regular file"
         raise ConfigError(f"config path {p} is {kind}; give the path of a TOML file")
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) is not TOML
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
 

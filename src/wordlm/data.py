@@ -25,7 +25,7 @@ import torch
 from .errors import ConfigError, DataError
 from .tokenizer import Tokenizer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a leading byte-order mark is no longer read as part of the first word
 _CHUNK_LINES = 8192
 
 
@@ -45,7 +45,8 @@ def check_text_file(path: str | Path, what: str) -> Path:
 
 
 def iter_lines(path: str | Path, what: str = "text", progress: bool = False) -> Iterator[str]:
-    """Yield the lines of a UTF-8 file (without line ends), checking each for valid UTF-8 and NUL bytes."""
+    """Yield the lines of a UTF-8 file (without line ends or a leading byte-order mark), checking each for valid
+    UTF-8 and NUL bytes."""
     p = check_text_file(path, what)
     offset = 0
     bar = None
@@ -63,6 +64,8 @@ def iter_lines(path: str | Path, what: str = "text", progress: bool = False) -> 
             except UnicodeDecodeError as e:
                 raise DataError(f"{what}: {p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset "
                                 f"{offset + e.start}); convert it, e.g. iconv -t UTF-8") from None
+            if offset == 0 and line.startswith("\ufeff"):  # a byte-order mark (Windows editors write one): not text
+                line = line[1:]
             offset += len(raw)
             if bar is not None:
                 bar.update(len(raw))
