@@ -30,6 +30,16 @@ def test_paths_are_relative_to_the_config_file(tmp_path):
     assert cfg.data.train == str((tmp_path / "corpus" / "train.txt").resolve())
 
 
+def test_a_tilde_is_the_home_folder_in_the_file_and_in_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg_path = tmp_path / "x.toml"
+    cfg_path.write_text('[data]\ntrain = "~/ptb/train.txt"\ncache_dir = "~/cache"\n')
+    cfg = load_config(cfg_path, ["data.valid=~/ptb/valid.txt"])
+    assert cfg.data.train == str(tmp_path / "home" / "ptb" / "train.txt")
+    assert cfg.data.valid == str(tmp_path / "home" / "ptb" / "valid.txt")
+    assert cfg.data.cache_dir == str(tmp_path / "home" / "cache")
+
+
 def test_every_problem_is_reported_at_once():
     raw = {"train": {"lr": -1.0, "bogus": 1, "batch_size": "20"}, "model": {"dropout": 1.0},
            "tokenizer": {"kind": "bytes"}, "nope": {}}

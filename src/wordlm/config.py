@@ -233,10 +233,14 @@ def _build(raw: dict[str, Any]) -> tuple[Config, list[str]]:
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:
+    """Data paths: ~ is the home folder (a TOML string or `--set data.train=~/x` gets no shell's expansion);
+    relative ones are relative to `base`."""
     for key in ("train", "valid", "test"):
-        value = getattr(cfg.data, key)
+        value = os.path.expanduser(getattr(cfg.data, key))
         if value and not os.path.isabs(value):
-            setattr(cfg.data, key, str((base / value).resolve()))
+            value = str((base / value).resolve())
+        setattr(cfg.data, key, value)
+    cfg.data.cache_dir = os.path.expanduser(cfg.data.cache_dir)
 
 
 def validate(cfg: Config) -> list[str]:
