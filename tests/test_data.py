@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from wordlm.data import Streams, encode_file, iter_lines
-from wordlm.errors import DataError
+from wordlm.errors import ConfigError, DataError
 from wordlm.tokenizer import WordTokenizer
 
 
@@ -94,3 +94,30 @@ def test_a_byte_order_mark_and_windows_line_ends_are_not_text(tmp_path):
     inner = tmp_path / "inner.txt"
     inner.write_bytes(b"a\n\xef\xbb\xbfb\n")
     assert list(iter_lines(inner)) == ["a", "\ufeffb"]
+
+
+def test_an_unwritable_default_cache_is_a_warning_and_a_chosen_one_an_error(tmp_path, monkeypatch, caplog):
+    import logging
+    import tempfile
+
+    f = tmp_path / "t.txt"
+    f.write_text("a b c\nb c\n")
+    tok = WordTokenizer.fit(["a b c"])
+    expected = encode_file(f, tok, tmp_path / "cache").ids.tolist()
+    blocker = tmp_path / "file"  # a home under which no folder can be made (whoever runs the tests)
+    blocker.write_text("")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(logging.getLogger("wordlm"), "propagate", True)  # the CLI's callback may have stopped it
+    monkeypatch.delenv("WORDLM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(blocker))
+    split = encode_file(f, tok)  # the default ~/.cache/wordlm: encoded all the same, in memory
+    assert split.ids.tolist() == expected and (split.tokens, split.words) == (7, 7)
+    assert "cannot write the token cache" in caplog.text
+    assert list(scratch.iterdir()) == []  # its scratch file is gone
+    with pytest.raises(ConfigError, match="cannot use .* for the token cache"):
+        encode_file(f, tok, blocker / "cache")  # a folder the user chose
+    monkeypatch.setenv("WORDLM_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(ConfigError, match="cannot use .* for the token cache"):
+        encode_file(f, tok)

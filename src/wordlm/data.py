@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from array import array
@@ -26,6 +27,7 @@ from .errors import ConfigError, DataError
 from .tokenizer import Tokenizer
 
 CACHE_VERSION = 2  # 2: a leading byte-order mark is no longer read as part of the first word
+log = logging.getLogger("wordlm")
 _CHUNK_LINES = 8192
 
 
@@ -114,12 +116,23 @@ def encode_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | 
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt below
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    cached = True
     try:
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-", suffix=".ids")
     except OSError as e:
-        raise ConfigError(f"cannot use {cache} for the token cache ({e.strerror}); set data.cache_dir or "
-                          f"WORDLM_CACHE_DIR to a folder you can write to") from None
+        refusal = ConfigError(f"cannot use {cache} for the token cache ({e.strerror}); set data.cache_dir or "
+                              f"WORDLM_CACHE_DIR to a folder you can write to")
+        if cache_dir or os.environ.get("WORDLM_CACHE_DIR"):  # a folder the user chose: say so
+            raise refusal from None
+        # The default folder (a read-only home, say): encode without a cache rather than not at all.
+        log.warning("warning: cannot write the token cache in %s (%s); encoding %s without it (each time: set "
+                    "WORDLM_CACHE_DIR to a folder you can write to)", cache, e.strerror, p)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix="wordlm-", suffix=".ids")
+        except OSError:
+            raise refusal from None
+        cached = False
     tokens = words = 0
     try:
         with os.fdopen(fd, "wb") as out:
@@ -144,6 +157,8 @@ def encode_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | 
             os.fsync(out.fileno())
         if words == 0 or tokens == 0:
             raise DataError(f"{what}: {p} has no text")
+        if not cached:
+            return EncodedSplit(np.fromfile(tmp, dtype=dtype), tokens, words, str(p), sha)
         os.replace(tmp, ids_path)
         meta_path.write_text(json.dumps({"tokens": tokens, "words": words, "dtype": np.dtype(dtype).name,
                                          "source": str(p), "tokenizer": tokenizer.fingerprint()}))
