@@ -1,5 +1,6 @@
 """What users do with a trained model: predict, score, eval equality, plot, export, the Python API."""
 
+import importlib.util
 import json
 import math
 import random
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from wordlm import load
 from wordlm.cli import app
 
-from conftest import needs_cpu_bf16
+from conftest import needs_cpu_bf16, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,6 +162,27 @@ def test_plot_writes_a_non_blank_png(demo_run, tmp_path):
     img = matplotlib.image.imread(out)
     assert img.shape[0] >= 300 and img.shape[1] >= 600
     assert img[..., :3].std() > 0.05  # curves and text, not a blank canvas
+
+
+def test_plot_draws_an_nt_asgd_runs_raw_iterate_and_where_its_average_began(small_corpus, tmp_path, demo_run):
+    from wordlm.plot import curves, read_metrics
+    from wordlm.train import train
+
+    train(tiny_config(small_corpus, optimizer="ntasgd", average_after=0.5, eval_every=4, max_steps=20, epochs=0,
+                      schedule="constant", nonmono=50), tmp_path / "run")
+    recs = read_metrics(tmp_path / "run")
+    drawn = curves(recs)
+    assert list(drawn["ppl"]) == ["train", "valid", "valid, raw iterate"]
+    after = [r for r in recs if r["event"] == "valid" and "raw_valid_ppl" in r]  # validations at steps 12, 16, 20
+    assert drawn["ppl"]["valid, raw iterate"] == ([r["elapsed_s"] for r in after], [r["raw_valid_ppl"] for r in after])
+    assert drawn["loss"]["valid, raw iterate"][1] == pytest.approx([math.log(r["raw_valid_ppl"]) for r in after])
+    at_switch = next(r for r in recs if r["event"] == "train" and r["step"] == 10)  # the average began at step 10
+    assert drawn["averaging"] == (at_switch["tokens"], at_switch["elapsed_s"])
+    plain = curves(read_metrics(demo_run))  # a run without averaging draws train and valid alone
+    assert list(plain["ppl"]) == ["train", "valid"] and plain["averaging"] is None
+    if importlib.util.find_spec("matplotlib"):
+        r = CliRunner().invoke(app, ["plot", str(tmp_path / "run")])
+        assert r.exit_code == 0 and (tmp_path / "run" / "curves.png").stat().st_size > 10_000, r.output
 
 
 def test_plot_without_metrics(tmp_path):

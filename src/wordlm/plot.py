@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from .errors import UsageError, check_out_file
@@ -65,8 +66,36 @@ def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
     return out
 
 
+def curves(recs: list[dict]) -> dict:
+    """What `plot_run` draws, from a run's records: {"loss": {label: (tokens, values)}, "ppl": {label:
+    (seconds, values)}, "averaging": (tokens, seconds) or None}. An NT-ASGD run's validations read the average
+    once it starts; the trained weights' own perplexity beside it is the "valid, raw iterate" curve, and
+    "averaging" is where the average began."""
+    tr = [r for r in recs if r.get("event") == "train"]
+    va = [r for r in recs if r.get("event") == "valid"]
+    loss, ppl = {}, {}
+    if tr:
+        loss["train"] = ([r["tokens"] for r in tr], [r["loss"] for r in tr])
+        ppl["train"] = ([r["elapsed_s"] for r in tr], [r["ppl"] for r in tr])
+    if va:
+        loss["valid"] = ([r["tokens"] for r in va], [r["valid_loss"] for r in va])
+        ppl["valid"] = ([r["elapsed_s"] for r in va], [r["valid_ppl"] for r in va])
+    raw = [r for r in va if "raw_valid_ppl" in r]
+    if raw:
+        loss["valid, raw iterate"] = ([r["tokens"] for r in raw], [math.log(r["raw_valid_ppl"]) for r in raw])
+        ppl["valid, raw iterate"] = ([r["elapsed_s"] for r in raw], [r["raw_valid_ppl"] for r in raw])
+    averaging = None
+    switch = next((r for r in recs if r.get("event") == "averaging"), None)
+    if switch is not None:  # its record has a step; the first record at or after it says when that was
+        at = next((r for r in tr + va if r["step"] >= switch["step"] and "tokens" in r and "elapsed_s" in r), None)
+        if at is not None:
+            averaging = (at["tokens"], at["elapsed_s"])
+    return {"loss": loss, "ppl": ppl, "averaging": averaging}
+
+
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
-    """Loss against tokens seen and perplexity against wall time, train and validation, in one PNG."""
+    """Loss against tokens seen and perplexity against wall time, train and validation, in one PNG (with an
+    NT-ASGD run's raw iterate and the start of its average, where the run has them)."""
     run = Path(run)
     recs = read_metrics(run)
     out = Path(out) if out else run / "curves.png"
@@ -79,21 +108,22 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     except ImportError:
         raise UsageError("wordlm plot needs matplotlib: pip install 'wordlm[plot]' (or pip install matplotlib)") \
             from None
-    tr = [r for r in recs if r.get("event") == "train"]
-    va = [r for r in recs if r.get("event") == "valid"]
-    if not tr and not va:
+    drawn = curves(recs)
+    if not drawn["loss"]:
         raise UsageError(f"{run / 'metrics.jsonl'} has no train or valid records yet")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     kind = out.suffix[1:].lower()
     if kind and kind not in fig.canvas.get_supported_filetypes():
         plt.close(fig)
         raise UsageError(f"--out {out}: matplotlib cannot write .{kind} files; end the name in .png, .svg or .pdf")
-    if tr:
-        ax1.plot([r["tokens"] for r in tr], [r["loss"] for r in tr], label="train", lw=1.2)
-        ax2.plot([r["elapsed_s"] for r in tr], [r["ppl"] for r in tr], label="train", lw=1.2)
-    if va:
-        ax1.plot([r["tokens"] for r in va], [r["valid_loss"] for r in va], "o-", label="valid", lw=1.5)
-        ax2.plot([r["elapsed_s"] for r in va], [r["valid_ppl"] for r in va], "o-", label="valid", lw=1.5)
+    style = {"train": {"lw": 1.2}, "valid, raw iterate": {"lw": 1.2, "ls": "--"}}
+    for ax, series in ((ax1, drawn["loss"]), (ax2, drawn["ppl"])):
+        for label, (x, y) in series.items():
+            kw = style.get(label) or {"lw": 1.5, "marker": "o" if len(x) <= 40 else None, "ms": 4}
+            ax.plot(x, y, label=label, **kw)
+    if drawn["averaging"] is not None:
+        for ax, x in zip((ax1, ax2), drawn["averaging"], strict=True):
+            ax.axvline(x, color="grey", ls=":", lw=1.2, label="averaging from here")
     ax1.set(xlabel="tokens seen", ylabel="loss (nats/token)", title="loss")
     ax2.set(xlabel="wall time (s)", ylabel="perplexity", title="perplexity", yscale="log")
     for ax in (ax1, ax2):
