@@ -73,8 +73,9 @@ def test_eval_counts_the_unknown_tokens_of_the_text(demo_run, tmp_path):
     assert report["unk_tokens"] == 3 and report["unk_share"] == pytest.approx(3 / 11)
     r = run("eval", demo_run, "--data", text, "--batch-size", "1")
     assert "unk         3 tokens of the text are <unk> (27.27%)" in r.output
+    assert f"warning: 27% of the tokens of {text} are <unk> to this model: is it the text you meant" in r.output
     r = run("eval", demo_run, "--split", "valid", "--json")  # the demo's own valid text: every word known
-    assert json.loads(r.output.strip().splitlines()[-1])["unk_tokens"] == 0
+    assert json.loads(r.output.strip().splitlines()[-1])["unk_tokens"] == 0 and "warning" not in r.output
 
 
 def test_generate_warns_on_unknown_words_and_refuses_empty_prompts(demo_run):

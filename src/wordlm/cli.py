@@ -341,6 +341,10 @@ def eval_(
         r = lm.evaluate(path, batch_size=batch_size, cuda_graphs=cuda_graphs,
                         precision=precision.value if precision else None)
     r = {"checkpoint": str(lm.path), "data": str(path), **r}
+    if r.get("unk_share", 0) > 0.25:  # predicting <unk> is easy: such a perplexity flatters and says little
+        logging.getLogger("wordlm").warning(
+            "warning: %.0f%% of the tokens of %s are <unk> to this model: is it the text you meant (its language, "
+            "its preprocessing)?", 100 * r["unk_share"], path)
     if json_:
         typer.echo(json.dumps(r))
         return
