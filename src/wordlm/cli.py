@@ -32,7 +32,6 @@ app = typer.Typer(
 )
 
 
-
 def _path(value: str | Path) -> Path:
     """A path argument. An empty one (`--out "$RUN"` with RUN unset) is refused: as a Path it would be the current
     directory, where a run would write its files among the user's own."""
