@@ -42,6 +42,11 @@ def _path(value: str | Path) -> Path:
     return Path(value)
 
 
+def _path_option(*names: str, help: str):
+    """A path option: an empty value refused (see _path), shown as <path> in --help like the other types."""
+    return typer.Option(*names, parser=_path, metavar="<path>", help=help)
+
+
 RunArg = Annotated[Path, typer.Argument(parser=_path, metavar="RUN",
                                         help="a run directory (uses best/) or a checkpoint directory")]
 
@@ -153,10 +158,9 @@ def _allocation(e: RuntimeError) -> str:
 @app.command()
 @_cli
 def train(
-    config: Annotated[Path | None, typer.Option("--config", "-c", parser=_path,
-                                                    help="TOML config (see configs/)")] = None,
+    config: Annotated[Path | None, _path_option("--config", "-c", help="TOML config (see configs/)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: --set train.lr=0.5")] = None,
-    out: Annotated[Path | None, typer.Option(parser=_path, help="run directory (default: runs/CONFIG_NAME)")] = None,
+    out: Annotated[Path | None, _path_option(help="run directory (default: runs/CONFIG_NAME)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last/ checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
     progress: Annotated[bool | None, typer.Option(help="progress bar (default: when stderr is a terminal)")]
@@ -260,7 +264,7 @@ def _torchrun(nproc: int) -> None:
 @_cli
 def finetune(
     run: RunArg,
-    out: Annotated[Path, typer.Option(parser=_path, help="run directory for the finetuned model")],
+    out: Annotated[Path, _path_option(help="run directory for the finetuned model")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key of the run's config")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
     progress: Annotated[bool | None, typer.Option(help="progress bar (default: when stderr is a terminal)")]
@@ -301,7 +305,7 @@ class Precision(StrEnum):
 def eval_(
     run: RunArg,
     split: Annotated[Split, typer.Option(help="which split of the run's config to read")] = Split.valid,
-    data: Annotated[Path | None, typer.Option(parser=_path, help="evaluate this text file instead of a split")] = None,
+    data: Annotated[Path | None, _path_option(help="evaluate this text file instead of a split")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="parallel streams; 1 gives every token full context")]
     = 10,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
@@ -445,7 +449,7 @@ def predict(
 def score(
     run: RunArg,
     sentences: Annotated[list[str] | None, typer.Argument(help="sentences to score")] = None,
-    file: Annotated[Path | None, typer.Option(parser=_path, help="also score each line of this file")] = None,
+    file: Annotated[Path | None, _path_option(help="also score each line of this file")] = None,
     json_: Annotated[bool, typer.Option("--json", help="print a JSON list as the last line")] = False,
 ) -> None:
     """Log-probability and perplexity of sentences, ranked from most to least likely."""
@@ -514,7 +518,7 @@ def info(
 @_cli
 def plot(
     run: Annotated[Path, typer.Argument(parser=_path, metavar="RUN", help="a run directory (with metrics.jsonl)")],
-    out: Annotated[Path | None, typer.Option(parser=_path, help="PNG to write (default: RUN/curves.png)")] = None,
+    out: Annotated[Path | None, _path_option(help="PNG to write (default: RUN/curves.png)")] = None,
 ) -> None:
     """A PNG of training and validation loss/perplexity against tokens seen and wall time."""
     from .plot import plot_run
@@ -526,7 +530,7 @@ def plot(
 @_cli
 def export(
     run: RunArg,
-    out: Annotated[Path, typer.Option(parser=_path, help="file to write, e.g. model.pt2")],
+    out: Annotated[Path, _path_option(help="file to write, e.g. model.pt2")],
 ) -> None:
     """Write a standalone next-token step (torch.export) that runs without wordlm installed."""
     from .api import LanguageModel
