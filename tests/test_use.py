@@ -132,6 +132,24 @@ def test_info_reports_the_time_to_a_target_perplexity(demo_run):
     assert f"first at {first_hit['elapsed_s']:.1f} s (step {first_hit['step']}" in r.output
 
 
+def test_info_summarises_a_folder_that_holds_only_a_runs_metrics(demo_run, tmp_path):
+    # The curve of a run on another machine, copied back without its checkpoints (as docs/results/ holds them).
+    (tmp_path / "metrics.jsonl").write_bytes((demo_run / "metrics.jsonl").read_bytes())
+    whole = json.loads(CliRunner().invoke(app, ["info", str(demo_run), "--json", "--target-ppl", "20"]).output
+                       .strip().splitlines()[-1])
+    r = CliRunner().invoke(app, ["info", str(tmp_path), "--json", "--target-ppl", "20"])
+    assert r.exit_code == 0, r.output
+    alone = json.loads(r.output.strip().splitlines()[-1])
+    assert alone["checkpoint"] is None and "parameters" not in alone
+    for key in ("steps", "tokens", "validations", "best_valid_ppl", "best_step", "target"):
+        assert alone[key] == whole[key]
+    r = CliRunner().invoke(app, ["info", str(tmp_path), "--target-ppl", "20"])
+    assert r.exit_code == 0 and f"checkpoint   none in {tmp_path}" in r.output and "target       valid ppl" in r.output
+    (tmp_path / "metrics.jsonl").unlink()  # neither a checkpoint nor metrics: the error it always was
+    r = CliRunner().invoke(app, ["info", str(tmp_path)])
+    assert r.exit_code == 4 and r.output.startswith(f"error: no checkpoint in {tmp_path}")
+
+
 def test_info_reads_a_run_whose_metrics_end_in_half_a_record(demo_run, tmp_path):
     """`wordlm info` while training writes (or after a kill mid-write): a last line that is half a record is
     left out quietly; a damaged line before it is left out with a warning naming it; the rest is reported."""

@@ -481,21 +481,40 @@ def info(
         "quality)")] = None,
     json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Config, parameter count, vocabulary and training summary of a run or checkpoint."""
+    """Config, parameter count, vocabulary and training summary of a run or checkpoint (of a folder that holds
+    only a run's metrics.jsonl, as copied from another machine: the training summary)."""
     from .api import LanguageModel
+    from .checkpoint import find_checkpoint
+    from .errors import CheckpointError
     from .plot import summarize
 
-    lm = LanguageModel.load(run)
-    run_dir = lm.path.parent if lm.path.name in ("best", "last", ".best.old", ".last.old") else lm.path
+    lm = None
+    try:
+        find_checkpoint(run)
+    except CheckpointError:
+        if not (run.is_dir() and (run / "metrics.jsonl").is_file()):
+            raise
+    else:
+        lm = LanguageModel.load(run)
+    if lm is None:
+        run_dir = run
+    else:
+        run_dir = lm.path.parent if lm.path.name in ("best", "last", ".best.old", ".last.old") else lm.path
     history = summarize(run_dir, target_ppl)
-    data = {"checkpoint": str(lm.path), "parameters": lm.num_parameters, "vocab_size": lm.tokenizer.vocab_size,
-            "tokenizer": lm.tokenizer.kind, "step": lm.meta.get("step"), "valid_loss": lm.meta.get("valid_loss"),
-            "config": lm.config.to_dict(), **history}
+    if lm is None:
+        data = {"checkpoint": None, **history}
+    else:
+        data = {"checkpoint": str(lm.path), "parameters": lm.num_parameters, "vocab_size": lm.tokenizer.vocab_size,
+                "tokenizer": lm.tokenizer.kind, "step": lm.meta.get("step"), "valid_loss": lm.meta.get("valid_loss"),
+                "config": lm.config.to_dict(), **history}
     if json_:
         typer.echo(json.dumps(data))
         return
-    typer.echo(f"checkpoint   {lm.path}\nparameters   {lm.num_parameters:,}\n"
-               f"vocabulary   {lm.tokenizer.vocab_size:,} ({lm.tokenizer.kind})\nstep         {data['step']}")
+    if lm is None:
+        typer.echo(f"checkpoint   none in {run}: the summary of its metrics.jsonl alone")
+    else:
+        typer.echo(f"checkpoint   {lm.path}\nparameters   {lm.num_parameters:,}\n"
+                   f"vocabulary   {lm.tokenizer.vocab_size:,} ({lm.tokenizer.kind})\nstep         {data['step']}")
     if history:
         typer.echo(f"history      {_count(history['steps'], 'step')}, {history['tokens']:,} tokens, "
                    f"{history['elapsed_s']:.0f}s, {_count(history['validations'], 'validation')}, "
@@ -510,6 +529,8 @@ def info(
             typer.echo(f"target       valid ppl <= {t['ppl']:g} not reached")
     elif target_ppl is not None:
         typer.echo(f"target       valid ppl <= {target_ppl:g} not reached (no validation recorded)")
+    if lm is None:
+        return
     typer.echo("config:")
     typer.echo("\n".join("  " + ln if ln and not ln.startswith("[") else ln for ln in lm.config.to_toml().splitlines()))
 
