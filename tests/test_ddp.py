@@ -131,6 +131,28 @@ def test_two_process_training_resumes_exactly(small_corpus, tmp_path):
     assert losses[0] == losses[1]
 
 
+def test_resuming_with_another_number_of_processes_says_it_will_not_match(small_corpus, tmp_path):
+    # Each process reads its own share of the text, so the saved LSTM states and stream positions fit only the
+    # same number of processes: going from 2 to 1 (or 1 to 2) trains on, with a warning, from zero states.
+    cfg = tiny_config(small_corpus, max_steps=4, schedule="constant", log_every=2)
+    path = tmp_path / "tiny.toml"
+    path.write_text(cfg.to_toml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def wordlm(*args) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "wordlm", "train", *map(str, args)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    wordlm("--config", path, "--out", tmp_path / "run", "--nproc", "2")
+    one = wordlm("--out", tmp_path / "run", "--resume", "--set", "train.max_steps=8")
+    assert "resume: the run had 2 processes, now 1: each reads another share of the text" in one.stderr
+    two = wordlm("--out", tmp_path / "run", "--resume", "--set", "train.max_steps=12", "--nproc", "2")
+    assert two.stderr.count("resume: the run had 1 process, now 2: each reads another share") == 1  # rank 0's
+    assert load_checkpoint(tmp_path / "run", prefer="last").meta["step"] == 12
+
+
 def test_nproc_is_checked_against_the_gpus_and_cores(monkeypatch):
     """More processes than GPUs is refused before any starts (each process takes a GPU of its own); more than the
     CPU cores is a warning."""

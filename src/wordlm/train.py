@@ -580,20 +580,26 @@ class _Loop:
         self.elapsed, self.best, self.bad_evals = ts["elapsed_s"], ts["best_valid_loss"], ts["bad_evals"]
         self.nonfinite_total, self.last_eval_step = ts["nonfinite_total"], ts["last_eval_step"]
         h, c = ts["lstm_h"], ts["lstm_c"]
-        own = ts.get("ranks") or []
-        if self.dist.world > 1:
-            if len(own) == self.dist.world:
-                h, c = own[self.dist.rank]["lstm_h"], own[self.dist.rank]["lstm_c"]
-                ts = {**ts, "rng_torch": own[self.dist.rank]["rng_torch"]}
-            else:
-                log.warning("resume: the run had %d processes, now %d; data-parallel RNG and LSTM states restart",
-                            max(1, len(own)), self.dist.world)
-        if h.shape[1] != self.tc.batch_size:
+        own = ts.get("ranks") or []  # each rank's LSTM state and RNG, saved by a run of several processes
+        began_with = max(1, len(own))
+        if began_with != self.dist.world:  # each process reads another share of the text: the states do not fit
+            if self.dist.main:
+                log.warning("resume: the run had %d process%s, now %d: each reads another share of the text, so the "
+                            "LSTM states and RNG restart and the run will not match an uninterrupted one",
+                            began_with, "es" * (began_with != 1), self.dist.world)
+            h = c = None
+        elif self.dist.world > 1:
+            h, c = own[self.dist.rank]["lstm_h"], own[self.dist.rank]["lstm_c"]
+            ts = {**ts, "rng_torch": own[self.dist.rank]["rng_torch"]}
+        if h is not None and h.shape[1] != self.tc.batch_size:
             log.warning("resume: train.batch_size changed (%d -> %d); the carried LSTM state starts from zero",
                         h.shape[1], self.tc.batch_size)
-        else:
+        elif h is not None:
             self.state = (h.to(self.device), c.to(self.device))
-        torch.set_rng_state(ts["rng_torch"])
+        if began_with != self.dist.world and self.dist.world > 1:
+            torch.manual_seed(self.tc.seed + self.step + self.dist.rank)  # dropout masks must differ between ranks
+        else:
+            torch.set_rng_state(ts["rng_torch"])
         if ts["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ts["rng_cuda"])
         random.setstate(ts["rng_python"])
