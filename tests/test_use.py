@@ -145,6 +145,16 @@ def test_info_summarises_a_folder_that_holds_only_a_runs_metrics(demo_run, tmp_p
         assert alone[key] == whole[key]
     r = CliRunner().invoke(app, ["info", str(tmp_path), "--target-ppl", "20"])
     assert r.exit_code == 0 and f"checkpoint   none in {tmp_path}" in r.output and "target       valid ppl" in r.output
+    assert "averaging" not in r.output  # the demo trains with AdamW
+    # NT-ASGD's switch, as a run records it, is in the summary and its line
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "averaging", "step": 300, "epoch": 4.0, "trigger": "train.average_after = 0.7"})
+                + "\n")
+    r = CliRunner().invoke(app, ["info", str(tmp_path), "--json"])
+    assert json.loads(r.output.strip().splitlines()[-1])["averaging"] == {
+        "step": 300, "epoch": 4.0, "trigger": "train.average_after = 0.7"}
+    r = CliRunner().invoke(app, ["info", str(tmp_path)])
+    assert "averaging    NT-ASGD's average from step 300 (epoch 4), started by train.average_after = 0.7" in r.output
     (tmp_path / "metrics.jsonl").unlink()  # neither a checkpoint nor metrics: the error it always was
     r = CliRunner().invoke(app, ["info", str(tmp_path)])
     assert r.exit_code == 4 and r.output.startswith(f"error: no checkpoint in {tmp_path}")

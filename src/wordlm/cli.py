@@ -521,6 +521,10 @@ def info(
                    f"best valid ppl {history['best_valid_ppl']:.2f} at step {history['best_step']}"
                    + (f"; validation took {history['valid_s_total']:.1f}s" if "valid_s_total" in history else "")
                    + (f"; peak memory {history['peak_mem_mb']:,.0f} MiB" if "peak_mem_mb" in history else ""))
+        if "averaging" in history:
+            a = history["averaging"]
+            typer.echo(f"averaging    NT-ASGD's average from step {a['step']:,} (epoch {a['epoch']:g}), started by "
+                       f"{a['trigger']}")
         t = history.get("target")
         if t and t["reached"]:
             typer.echo(f"target       valid ppl <= {t['ppl']:g} first at {t['elapsed_s']:.1f} s (step {t['step']}, "

@@ -40,7 +40,8 @@ def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
     `target_ppl`, also when validation perplexity first reached it: {"target": {"ppl", "reached", and, when
     reached, "elapsed_s", "step", "epoch", "tokens", "valid_ppl"}} (the time is the training loop's own clock,
     validation and checkpoints included). "valid_s_total": the time the validation passes took, and
-    "peak_mem_mb" the most memory held, where recorded."""
+    "peak_mem_mb" the most memory held, where recorded; "averaging": where NT-ASGD's average began (step, epoch,
+    trigger), if it did."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return {}
@@ -58,6 +59,9 @@ def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
     mem = [r["peak_mem_mb"] for r in recs if "peak_mem_mb" in r]  # nor did they record peak_mem_mb
     if mem:
         out["peak_mem_mb"] = max(mem)
+    switch = next((r for r in recs if r.get("event") == "averaging"), None)
+    if switch is not None:  # NT-ASGD: when the average began, and why
+        out["averaging"] = {k: switch.get(k) for k in ("step", "epoch", "trigger")}
     if target_ppl is not None:
         hit = next((r for r in valid if r["valid_ppl"] <= target_ppl), None)
         out["target"] = {"ppl": target_ppl, "reached": hit is not None}
