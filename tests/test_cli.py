@@ -304,3 +304,10 @@ def test_a_perplexity_past_a_floats_range_prints_as_inf():
     assert _ppl(math.log(20.0)) == "20.00"
     assert _ppl(800.0) == _ppl(math.inf) == "inf"
     assert _ppl(math.nan) == "nan"
+
+
+def test_the_score_breakdown_shows_a_whitespace_token_as_a_visible_mark():
+    # A character model's space, or sentencepiece's lone word-start piece, printed as itself reads as nothing.
+    from wordlm.cli import _shown
+
+    assert [_shown(t) for t in (" ", "  ", " rec", "a", "<eos>")] == ["\u2423", "\u2423\u2423", " rec", "a", "<eos>"]

@@ -469,7 +469,12 @@ def score(
         return
     for rank, r in enumerate(ranked, 1):
         typer.echo(f"{rank:>3}  logprob {r['logprob']:9.3f}  ppl {r['ppl']:10.2f}  {r['sentence']}")
-        typer.echo("     " + " ".join(f"{t['token']}:{-t['logprob']:.2f}" for t in r["tokens"]))
+        typer.echo("     " + " ".join(f"{_shown(t['token'])}:{-t['logprob']:.2f}" for t in r["tokens"]))
+
+
+def _shown(token: str) -> str:
+    """A token as the score breakdown prints it: a space or a lone sentencepiece word start as a visible mark."""
+    return token if token.strip() else "␣" * max(1, len(token))
 
 
 @app.command()
