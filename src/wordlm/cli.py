@@ -441,7 +441,7 @@ def predict(
     elif lm.tokenizer.kind == "sentencepiece":
         typer.echo("(whole words assembled from subword pieces by beam search; probabilities are lower bounds)")
     for rank, p in enumerate(preds, 1):
-        typer.echo(f"{rank:>3}  {p['prob']:.4f}  {p['word']!s}")
+        typer.echo(f"{rank:>3}  {p['prob']:.4f}  {_shown(p['word'])}")
 
 
 @app.command()
@@ -473,7 +473,8 @@ def score(
 
 
 def _shown(token: str) -> str:
-    """A token as the score breakdown prints it: a space or a lone sentencepiece word start as a visible mark."""
+    """A token as predict and the score breakdown print it: a space (a char model's) or sentencepiece's lone
+    word-start piece as a visible mark, not a blank."""
     return token if token.strip() else "␣" * max(1, len(token))
 
 
