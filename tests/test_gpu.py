@@ -260,8 +260,9 @@ def test_cuda_graphs_eval_reads_like_plain_eval_on_the_gpu(demo_run):
 
 
 def test_dynamic_evaluation_runs_on_the_gpu(demo_run):
-    # cuDNN refuses the backward pass of an LSTM in eval mode; dynamic evaluation adapts with PyTorch's own
-    # kernels instead. lr 0 keeps static evaluation's (cuDNN) kernels: equal to it exactly.
+    # cuDNN refuses the backward pass of an LSTM in eval mode; dynamic evaluation puts the nn.LSTM modules alone
+    # into training mode (dropout off) to keep cuDNN's kernels: it reads like PyTorch's own kernels (cuDNN off).
+    # lr 0 keeps static evaluation's kernels: equal to it exactly.
     from pathlib import Path
 
     from wordlm.api import LanguageModel
@@ -277,4 +278,9 @@ def test_dynamic_evaluation_runs_on_the_gpu(demo_run):
     assert dynamic_total_nll(lm.model, streams, 5, lr=0.0, decay=0.0, ms=ms) == static
     adapted, n = dynamic_total_nll(lm.model, streams, 5, lr=1e-5, decay=1e-3, ms=ms)
     assert n == static[1] and adapted != static[0] and adapted == pytest.approx(static[0], rel=0.2)
+    with torch.backends.cudnn.flags(enabled=False):
+        ms_native = gradient_ms(lm.model, streams, 5, windows=20)
+        native, _ = dynamic_total_nll(lm.model, streams, 5, lr=1e-5, decay=1e-3, ms=ms_native)
+    assert adapted == pytest.approx(native, rel=1e-4)
+    assert not lm.model.training and not any(m.training for m in lm.model.modules())
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))

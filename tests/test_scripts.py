@@ -94,3 +94,14 @@ def test_suggested_batch_is_the_smallest_keeping_70_percent_of_the_throughput():
     assert suggest_batch(rows(200, 300, 400)) == 40  # 0.75 of batch 80's
     assert suggest_batch(rows(290, 390, 400)) == 20
     assert suggest_batch(rows(279, 281, 400)) == 40  # 0.6975 misses, 0.7025 makes it
+
+
+def test_dynamic_benchmark_times_both_kernels_and_reads_one_perplexity(demo_run):
+    # benchmarks/dynamic.py on the CPU: both columns run the same kernels there, so they must read the same ppl
+    import json
+
+    out = run([sys.executable, "benchmarks/dynamic.py", str(demo_run), "--text", str(ROOT / "data" / "tiny" /
+               "valid.txt"), "--device", "cpu", "--tokens", "200", "--repeat", "1"])
+    assert "| cuDNN (LSTMs alone in training mode) |" in out and "| PyTorch's own (cuDNN off) |" in out
+    rec = json.loads(out.splitlines()[-1])
+    assert rec["updates"] == 10 and rec["ppl"]["cudnn"] == rec["ppl"]["native"], rec

@@ -308,6 +308,34 @@ def test_dynamic_evaluation_with_lr_0_equals_static_exactly(lm):
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))  # restored
 
 
+@pytest.mark.parametrize("layered", [False, True], ids=["fused-lstm", "awd-layers"])
+def test_dynamic_evaluation_adapts_with_every_dropout_off_and_puts_the_modes_back(layered):
+    # On a GPU the adapting passes put the nn.LSTM modules (only them) into training mode, which cuDNN's backward
+    # pass needs: their own between-layer dropout must stay off, as must the model's dropouts and weight drop.
+    # On the CPU a dropout left on draws a new mask per pass, so two passes would differ.
+    from wordlm.config import ModelConfig
+    from wordlm.data import Streams
+    from wordlm.evaluate import dynamic_total_nll, gradient_ms
+    from wordlm.model import LSTMLanguageModel
+
+    torch.manual_seed(0)
+    knobs = dict(dropout_hidden=0.5, weight_drop=0.5, dropout_input=0.5, dropout_output=0.5) if layered else {}
+    model = LSTMLanguageModel(30, ModelConfig(embedding_size=8, hidden_size=8, num_layers=2, dropout=0.5, **knobs))
+    assert (model.lstm is None) == layered
+    model.eval()
+    lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+    streams = Streams(torch.randint(0, 30, (200,)), 1)
+    ms = gradient_ms(model, streams, 5, windows=10)
+    assert all(torch.equal(a, b) for a, b in zip(ms, gradient_ms(model, streams, 5, windows=10), strict=True))
+    first = dynamic_total_nll(model, streams, 5, lr=1e-3, decay=0.0, ms=ms)
+    assert dynamic_total_nll(model, streams, 5, lr=1e-3, decay=0.0, ms=ms) == first
+    assert not model.training and not any(m.training for m in lstms)
+    assert [m.dropout for m in lstms] == [0.0 if layered else 0.5] * len(lstms)
+    model.train()
+    gradient_ms(model, streams, 5, windows=2)
+    assert model.training and all(m.training for m in lstms)  # a model in training mode is left in it
+
+
 def test_dynamic_evaluation_takes_krause_et_al_s_step(lm):
     # Krause et al. (2018), RMS with a global prior: both terms of an update read the weights before it,
     #   theta <- theta + min(1, decay * rms / mean(rms)) * (theta0 - theta) - lr * g / (rms + eps).

@@ -7,6 +7,7 @@ import functools
 import math
 
 import torch
+from torch import nn
 
 from .data import EncodedSplit, Streams
 from .model import LSTMLanguageModel
@@ -113,14 +114,27 @@ def report(nll: float, targets: int, split: EncodedSplit | None = None, subword:
     return out
 
 
-def _no_cudnn():
-    """Gradients through an LSTM in eval mode (dynamic evaluation): cuDNN refuses the backward pass outside
-    training mode ("cudnn RNN backward can only be called in training mode"), so these passes use PyTorch's own
-    LSTM kernels. Training mode is not an option: it would switch the dropouts on."""
-    return torch.backends.cudnn.flags(enabled=False)
+@contextlib.contextmanager
+def _lstm_backward_ready(model: nn.Module):
+    """Gradients through the LSTMs of a model in eval mode (dynamic evaluation), on cuDNN's kernels.
+
+    cuDNN refuses the backward pass of an LSTM outside training mode ("cudnn RNN backward can only be called in
+    training mode"), and the model's own training mode would switch its dropouts on. So only the nn.LSTM modules
+    go into training mode, with their own between-layer dropout at 0; the model's dropouts, weight drop and AR/TAR
+    read the model's flag, which stays off. (On the CPU the flag changes nothing: the same kernels either way.)
+    Everything is put back afterwards.
+    """
+    lstms = [m for m in model.modules() if isinstance(m, nn.LSTM)]
+    saved = [(m.training, m.dropout) for m in lstms]
+    try:
+        for m in lstms:
+            m.training, m.dropout = True, 0.0
+        yield
+    finally:
+        for m, (training, dropout) in zip(lstms, saved, strict=True):
+            m.training, m.dropout = training, dropout
 
 
-@_no_cudnn()
 def gradient_ms(model: LSTMLanguageModel, streams: Streams, seq_len: int, windows: int = 200) -> list[torch.Tensor]:
     """Mean squared gradient of every parameter over the first `windows` windows of `streams`: the scale that
     dynamic evaluation divides its updates by (Krause et al. 2018, "RMS with a global prior")."""
@@ -130,15 +144,16 @@ def gradient_ms(model: LSTMLanguageModel, streams: Streams, seq_len: int, window
     model.eval()
     state = model.init_state(streams.batch_size)
     n = 0
-    for row in range(0, streams.rows - 1, seq_len):
-        if n == windows:
-            break
-        x, y = streams.window(row, seq_len)
-        nll, state = model(x, (state[0].detach(), state[1].detach()), y)
-        grads = torch.autograd.grad(nll.mean(), params)
-        for m, g in zip(ms, grads, strict=True):
-            m += g * g
-        n += 1
+    with _lstm_backward_ready(model):
+        for row in range(0, streams.rows - 1, seq_len):
+            if n == windows:
+                break
+            x, y = streams.window(row, seq_len)
+            nll, state = model(x, (state[0].detach(), state[1].detach()), y)
+            grads = torch.autograd.grad(nll.mean(), params)
+            for m, g in zip(ms, grads, strict=True):
+                m += g * g
+            n += 1
     model.train(was_training)
     return [m / max(n, 1) for m in ms]
 
@@ -168,7 +183,7 @@ def dynamic_total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int, 
     total = torch.zeros((), dtype=torch.float64, device=theta0[0].device)
     adapt = lr > 0  # with lr 0 the weights never leave theta0 (the decay pulls toward where they are)
     try:
-        with _no_cudnn() if adapt else contextlib.nullcontext():  # lr 0: the very kernels of static evaluation
+        with _lstm_backward_ready(model) if adapt else contextlib.nullcontext():  # lr 0: static evaluation's mode
             for row in range(0, streams.rows - 1, seq_len):
                 x, y = streams.window(row, seq_len)
                 with torch.set_grad_enabled(adapt):
