@@ -31,6 +31,10 @@
 #           AWD_CONFIG=configs/ptb-awd-gpu.toml runs the cosine recipe without averaging (overfit on an H100:
 #           test 68.34, docs/RESULTS.md) and AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32),
 #           stopped by the same budget.
+#   dyn:    dynamic evaluation of a run trained by an earlier call on the same warm machine (DYN_RUN, default
+#           RUNS/awd-gpu: give RUNS a folder inside the repo, such as runs/gpu, which the device keeps between
+#           calls): benchmarks/dynamic.py (cuDNN's LSTM kernels against PyTorch's own, on the first 4,000 valid
+#           tokens), then wordlm eval --dynamic on test (its grid on the valid split) for what is left of LIMIT;
 #   wt2:    configs/wt2-medium.toml on WikiText-2 (DATA_WT2, default ../shared/data/wikitext-2; on a lent
 #           machine cp -r ../shared/data/wikitext-2 .gpu_data/ and DATA_WT2=.gpu_data/wikitext-2), the paper's
 #           recipe with train.cuda_graphs, stopped by what is left of LIMIT (not in the default parts);
@@ -188,6 +192,17 @@ if part awd; then  # the config's 540 s budget, or what is left of LIMIT
         run_and_test awd-gpu $(( left + 30 )) "${AWD_CONFIG:-configs/ptb-awd-gpu-asgd.toml}" \
             --set "train.time_budget_s=$left" --set "train.cuda_graphs=$GRAPHS" "${batch[@]}" ${AWD_SETS:-}
     fi
+fi
+if part dyn; then  # dynamic evaluation of a run trained earlier (DYN_RUN; default: the awd part's, from an earlier
+    run=$(realpath -m "${DYN_RUN:-$RUNS/awd-gpu}")  # call on the same warm machine, with RUNS inside the repo)
+    say "dynamic evaluation's LSTM kernels: cuDNN against PyTorch's own (benchmarks/dynamic.py, $run)"
+    timeout 120 python3 benchmarks/dynamic.py "$run" --text "$DATA/valid.txt" --tokens "${DYN_BENCH_TOKENS:-4000}" \
+        ${DYN_BENCH:-} 2>&1 | grep -e '^|' -e '^#' -e '^{' -e Error | tee -a "$LOG"
+    left=$(( LIMIT - ($(date +%s) - T0) - 5 ))
+    say "dynamic evaluation of $run (test, batch 1, the grid on the valid split; at most $left s)"
+    timeout "$left" python3 -m wordlm eval "$run" --split test --batch-size 1 --dynamic --json ${DYN_ARGS:-} \
+        2>&1 | grep -v Warning | tail -n 14 | tee -a "$LOG"
+    say "dynamic evaluation ended"
 fi
 if part wt2; then  # configs/wt2-medium.toml on WikiText-2 (DATA_WT2) for what is left of LIMIT: the WT2 GPU row
     WT2=$(realpath "${DATA_WT2:-../shared/data/wikitext-2}")

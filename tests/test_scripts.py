@@ -105,3 +105,14 @@ def test_dynamic_benchmark_times_both_kernels_and_reads_one_perplexity(demo_run)
     assert "| cuDNN (LSTMs alone in training mode) |" in out and "| PyTorch's own (cuDNN off) |" in out
     rec = json.loads(out.splitlines()[-1])
     assert rec["updates"] == 10 and rec["ppl"]["cudnn"] == rec["ppl"]["native"], rec
+
+
+def test_gpu_session_dyn_part_evaluates_an_earlier_run_dynamically(demo_run, tmp_path):
+    # The second call of a GPU session: the kernel benchmark, then wordlm eval --dynamic on a run already there
+    out = tmp_path / "out"
+    run(["bash", "scripts/gpu_session.sh"], PARTS="dyn", GRAPHS="false", DATA=str(ROOT / "data" / "tiny"),
+        OUT=str(out), DYN_RUN=str(demo_run), LIMIT="100", DYN_BENCH="--device cpu --repeat 1",
+        DYN_BENCH_TOKENS="200", DYN_ARGS="--dyn-lr 1e-4 --dyn-lambda 0")
+    log = (out / "session.log").read_text()
+    assert "| PyTorch's own (cuDNN off) |" in log, log
+    assert '"dynamic": {"lr": 0.0001, "decay": 0.0' in log, log
