@@ -20,13 +20,12 @@
 #           many as fit in LIMIT (about 75 s each). The earlier sweep on ptb-medium-gpu.toml (AR/TAR, variational
 #           dropout, lr 40, batch 96 and 48) is in docs/RESULTS.md;
 #   awdbatch: the AWD model's step time at batch 20, 40 and 80 (AWD_BATCHES), with the recipe's graphs and
-#           precision (benchmarks/gpu.py --batch-sweep, about 40 s): at batch 80 the runs of 489 and 494 s got
-#           about 31,000 steps and the raw iterate levelled off near valid 70 to 72; a smaller batch buys more
-#           steps per epoch if a step gets cheaper (the next AWD call: PARTS="awdbatch awd" AWD_BATCH=auto).
-#           It suggests the smallest batch with at least 0.7 of batch 80's tokens/s; AWD_BATCH=auto makes the
-#           awd part in the same call train at it (AWD_BATCH=N: at N);
+#           precision (benchmarks/gpu.py --batch-sweep, about 20 s). It suggests the smallest batch with at
+#           least 0.7 of batch 80's tokens/s; AWD_BATCH=auto makes the awd part in the same call train at it
+#           (AWD_BATCH=N: at N). Recorded on an H100: 8.83, 11.63 and 16.24 ms a step, so it kept 80;
 #   awd:    configs/ptb-awd-gpu-asgd.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT: constant lr
-#           30, NT-ASGD averaging from 70% of it at the latest; on an H100 in 489 s: test 64.30, docs/RESULTS.md),
+#           30, NT-ASGD averaging from 70% of it at the latest; on an H100 in 521 s: test 64.09, and 59.40 with
+#           the dyn part's dynamic evaluation in a second call, docs/RESULTS.md),
 #           not in the default parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe;
 #           AWD_CONFIG=configs/ptb-awd-gpu.toml runs the cosine recipe without averaging (overfit on an H100:
 #           test 68.34, docs/RESULTS.md) and AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32),
@@ -34,7 +33,8 @@
 #   dyn:    dynamic evaluation of a run trained by an earlier call on the same warm machine (DYN_RUN, default
 #           RUNS/awd-gpu: give RUNS a folder inside the repo, such as runs/gpu, which the device keeps between
 #           calls): benchmarks/dynamic.py (cuDNN's LSTM kernels against PyTorch's own, on the first 4,000 valid
-#           tokens), then wordlm eval --dynamic on test (its grid on the valid split) for what is left of LIMIT;
+#           tokens), then wordlm eval --dynamic on test (its grid on the valid split) for what is left of LIMIT
+#           (the AWD model on an H100: 3.31x quicker with cuDNN; eval --dynamic 61 s; the part 85 s in all);
 #   wt2:    configs/wt2-medium.toml on WikiText-2 (DATA_WT2, default ../shared/data/wikitext-2; on a lent
 #           machine cp -r ../shared/data/wikitext-2 .gpu_data/ and DATA_WT2=.gpu_data/wikitext-2), the paper's
 #           recipe with train.cuda_graphs, stopped by what is left of LIMIT (not in the default parts);
@@ -43,8 +43,8 @@
 #         PARTS="tests awd" LIMIT=590 ...  the AWD attempt, a call of its own (with cuda_graphs if its tests pass)
 #         DYNAMIC=1 DYN_LIMIT=200 ...  after each test figure, dynamic evaluation too (wordlm eval --dynamic: its
 #         grid on the valid split, then the test pass), stopped after DYN_LIMIT s; the awd part trains that much
-#         less (DYN_ARGS="--dyn-lr ..." passes options). Its time on a GPU is not yet known (on 2 CPU cores the
-#         medium model's takes about 7 minutes, 20 tokens per update: docs/RESULTS.md).
+#         less (DYN_ARGS="--dyn-lr ..." passes options). On an H100 the AWD model's takes 61 s (on 2 CPU
+#         cores the medium model's about 7 minutes, 20 tokens per update: docs/RESULTS.md).
 # On a lent machine that cannot see ../shared: cp -r ../shared/data/ptb .gpu_data/ here first (.gpu_data is
 # git-ignored; carry it), then DATA=.gpu_data/ptb.
 # A smoke run of the script itself on a CPU (small model, skipped GPU tests; about 4 minutes):
