@@ -469,6 +469,24 @@ def test_dynamic_grid_never_chooses_a_diverged_point(lm, monkeypatch):
     assert lm.evaluate_dynamic(text, grid_on=text, ms_windows=2, seq_len=5)["dynamic"]["lr"] == 3e-6
 
 
+def test_dynamic_evaluation_says_when_its_grid_read_the_text_it_scores(lm, monkeypatch, caplog):
+    # lr and lambda tuned on the first 10,000 tokens of the evaluated text flatter its figure: a warning says so,
+    # and the JSON names the text the grid read (None when nothing was tuned)
+    import wordlm.evaluate
+
+    monkeypatch.setattr(wordlm.evaluate, "dynamic_total_nll", lambda *a: (math.log(50.0) * 100, 100))
+    valid, test = ROOT / "data" / "tiny" / "valid.txt", ROOT / "data" / "tiny" / "test.txt"
+    with caplog.at_level("WARNING", logger="wordlm"):
+        fair = lm.evaluate_dynamic(test, grid_on=valid, ms_windows=2)
+    assert fair["dynamic"]["grid_on"] == str(valid) and "optimistic" not in caplog.text
+    with caplog.at_level("WARNING", logger="wordlm"):
+        same = lm.evaluate_dynamic(ROOT / "data" / ".." / "data" / "tiny" / "valid.txt", grid_on=valid, ms_windows=2)
+    assert same["dynamic"]["grid_on"] == str(valid)
+    assert "chosen on all 5,657 tokens of valid.txt, the text evaluated here" in caplog.text, caplog.text
+    assert "optimistic" in caplog.text
+    assert lm.evaluate_dynamic(valid, 1e-4, 0.0, grid_on=valid, ms_windows=2)["dynamic"]["grid_on"] is None
+
+
 def test_dynamic_evaluation_refuses_non_finite_settings_and_reports_divergence(lm, monkeypatch, caplog):
     import wordlm.evaluate
     from wordlm.errors import UsageError

@@ -192,6 +192,11 @@ class LanguageModel:
                         break
                     best = nxt
             chosen = {"lr": best["lr"], "decay": best["decay"]}
+            if Path(grid_on).resolve() == Path(path).resolve():  # e.g. wordlm eval RUN --dynamic on the valid split
+                n = grid_streams.targets
+                log.warning("warning: lr and lambda were chosen on %s tokens of %s, the text evaluated here, so "
+                            "this perplexity is optimistic; evaluate another text (--split test) for a fair figure",
+                            f"all {n:,}" if n >= len(grid_split.ids) - 1 else f"the first {n:,}", Path(path).name)
         if chosen["lr"] is None or chosen["decay"] is None:
             raise UsageError("give --dyn-lr and --dyn-lambda, or let the grid search choose them on the "
                              "validation split")
@@ -204,7 +209,7 @@ class LanguageModel:
                         "validation split", chosen["lr"], f"{perplexity(nll / n):.4g}", self.tokenizer.vocab_size)
         out = report(nll, n, split, subword=self.tokenizer.kind != "word", unk_id=self.tokenizer.unk_id)
         return {**out, "total_nll": nll, "dynamic": {**chosen, "batch_size": batch_size, "seq_len": seq_len,
-                                                     "grid": grid}}
+                                                     "grid": grid, "grid_on": str(grid_on) if grid else None}}
 
     def generate(self, prompt: str, max_tokens: int = 50, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
