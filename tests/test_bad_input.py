@@ -70,11 +70,14 @@ def places(demo_run, tmp_path_factory):
     own = tmp / "own"  # a folder of the user's, holding the config to train
     own.mkdir()
     (own / "config.toml").write_text("# my experiment\n" + (ROOT / "configs" / "demo.toml").read_text())
+    foreign = tmp / "foreign"  # a metrics.jsonl from another tool: records without the fields wordlm writes
+    foreign.mkdir()
+    (foreign / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n{"epoch": 1, "loss": 2.0}\n')
     return {"tmp": str(tmp / "scratch"), "cfg": str(ROOT / "configs" / "demo.toml"), "run": str(run_copy),
             "empty": str(tmp / "empty.txt"), "latin1": str(tmp / "latin1.txt"), "binary": str(tmp / "binary.txt"),
             "short": str(tmp / "short.txt"), "notoml": str(tmp / "notoml.toml"), "corrupt": str(corrupt),
             "pickled": str(pickled), "mismatch": str(mismatch), "locked": str(locked),
-            "own": str(own)}
+            "own": str(own), "foreign": str(foreign)}
 
 
 def test_the_table_is_there():

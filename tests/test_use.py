@@ -155,6 +155,11 @@ def test_info_summarises_a_folder_that_holds_only_a_runs_metrics(demo_run, tmp_p
         "step": 300, "epoch": 4.0, "trigger": "train.average_after = 0.7"}
     r = CliRunner().invoke(app, ["info", str(tmp_path)])
     assert "averaging    NT-ASGD's average from step 300 (epoch 4), started by train.average_after = 0.7" in r.output
+    (tmp_path / "metrics.jsonl").write_text('{"event": "train", "step": 1, "tokens": 8, "loss": 5.0, "ppl": 148.4, '
+                                            '"elapsed_s": 0.1}\n')  # no validation yet: said, not left blank
+    r = CliRunner().invoke(app, ["info", str(tmp_path)])
+    assert r.exit_code == 0 and f"history      none: {tmp_path / 'metrics.jsonl'} holds no validation record yet" \
+        in r.output, r.output
     (tmp_path / "metrics.jsonl").unlink()  # neither a checkpoint nor metrics: the error it always was
     r = CliRunner().invoke(app, ["info", str(tmp_path)])
     assert r.exit_code == 4 and r.output.startswith(f"error: no checkpoint in {tmp_path}")
@@ -176,8 +181,23 @@ def test_info_reads_a_run_whose_metrics_end_in_half_a_record(demo_run, tmp_path)
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
     r = CliRunner().invoke(app, ["info", str(run), "--json"])
     assert r.exit_code == 0, r.output
-    assert f"warning: {run / 'metrics.jsonl'} line 2 is not a JSON record; skipped" in r.output
+    assert f"warning: {run / 'metrics.jsonl'}: 1 line skipped (line 2: not a JSON record)" in r.output
     assert json.loads(r.output.strip().splitlines()[-1])["best_valid_ppl"] == best
+    # records without the numbers info and plot read (a file edited by hand, or another tool's) are left out
+    # too, with one warning for all of them: plot used to end in a KeyError traceback
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], '{"event": "train", "step": 1}', '{"event": "valid"}',
+                                                  *lines[1:]]) + "\n")
+    r = CliRunner().invoke(app, ["info", str(run), "--json"])
+    assert r.exit_code == 0, r.output
+    assert f"{run / 'metrics.jsonl'}: 2 lines skipped (line 2: a train record without a number for 'tokens')" \
+        in r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["best_valid_ppl"] == best
+    pytest.importorskip("matplotlib")
+    r = CliRunner().invoke(app, ["plot", str(run)])
+    assert r.exit_code == 0 and (run / "curves.png").is_file(), r.output
+    (run / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n{"event": "valid", "step": 1}\n')
+    r = CliRunner().invoke(app, ["plot", str(run), "--out", str(tmp_path / "c.png")])
+    assert r.exit_code == 2 and "has no train or valid records yet" in r.output, r.output
 
 
 def test_plot_writes_a_non_blank_png(demo_run, tmp_path):

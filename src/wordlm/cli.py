@@ -518,6 +518,8 @@ def info(
         return
     if lm is None:
         typer.echo(f"checkpoint   none in {run}: the summary of its metrics.jsonl alone")
+        if not history:
+            typer.echo(f"history      none: {run / 'metrics.jsonl'} holds no validation record yet")
     else:
         typer.echo(f"checkpoint   {lm.path}\nparameters   {lm.num_parameters:,}\n"
                    f"vocabulary   {lm.tokenizer.vocab_size:,} ({lm.tokenizer.kind})\nstep         {data['step']}")

@@ -13,25 +13,50 @@ from .errors import UsageError, check_out_file
 log = logging.getLogger("wordlm")
 
 
+# The fields `summarize`, `curves` and `wordlm plot` read from each kind of record, all numbers; every record
+# has a step. A record of another kind is kept as long as it has one.
+_NEEDS = {"train": ("step", "tokens", "loss", "ppl", "elapsed_s"),
+          "valid": ("step", "tokens", "valid_loss", "valid_ppl", "elapsed_s")}
+
+
+def _problem(rec: object) -> str | None:
+    """Why a parsed line is not a record these readers can use, or None."""
+    if not isinstance(rec, dict):
+        return "not a JSON record"
+    event = rec.get("event")
+    for key in _NEEDS.get(event, ("step",)):
+        v = rec.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            kind = f"a {event} record" if isinstance(event, str) and event else "a record"
+            return f"{kind} without a number for {key!r}"
+    return None
+
+
 def read_metrics(run: Path) -> list[dict]:
-    """The records of RUN/metrics.jsonl. A line that is not a whole JSON record is skipped: the last line may
-    be one that training is writing right now, or one a killed run left half-written (a warning says so when
-    such a line is not the last)."""
+    """The records of RUN/metrics.jsonl. A line that is not a whole JSON record, or a record without the numbers
+    these readers use, is skipped: the last line may be one that training is writing right now, or one a killed
+    run left half-written; anywhere else one warning counts them and names the first (a file edited by hand, or
+    not one that wordlm wrote)."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise UsageError(f"{path} does not exist; give a run directory that `wordlm train` wrote")
     lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
              if ln.strip()]
-    records = []
+    records, skipped = [], []
     for i, ln in lines:
         try:
             rec = json.loads(ln)
         except ValueError:
             rec = None
-        if isinstance(rec, dict):
+        problem = _problem(rec)
+        if problem is None:
             records.append(rec)
         elif i != lines[-1][0]:
-            log.warning("warning: %s line %d is not a JSON record; skipped", path, i)
+            skipped.append((i, problem))
+    if skipped:
+        i, problem = skipped[0]
+        log.warning("warning: %s: %d line%s skipped (line %d: %s); is it a metrics.jsonl that wordlm train wrote?",
+                    path, len(skipped), "s" * (len(skipped) != 1), i, problem)
     return records
 
 
