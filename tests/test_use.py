@@ -547,3 +547,15 @@ def test_the_python_api_checks_its_arguments(lm):
         lm.evaluate_dynamic(text, 1e-4, 0.0, seq_len=0)
     with pytest.raises(UsageError, match="--num-samples must be >= 1, got 0"):
         lm.generate_many("why", 3, num_samples=0)
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly_with_exit_0(demo_run):
+    # `wordlm generate ... | head -c 10`: once the reader has gone, the next write meets a closed pipe. That is the
+    # reader's choice, not a failure: exit 0 and nothing on stderr, as when all the output fitted in the pipe
+    # before the reader left (it used to be exit 1 or 0 depending on which came first).
+    proc = subprocess.Popen([sys.executable, "-m", "wordlm", "generate", str(demo_run), "--prompt", "the",
+                             "--max-tokens", "4000", "--seed", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Error" not in err and b"Traceback" not in err, err.decode()

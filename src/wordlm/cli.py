@@ -99,8 +99,9 @@ def _cli(fn):
         except KeyboardInterrupt:
             _say("interrupted")
             raise typer.Exit(130) from None
-        except BrokenPipeError:  # the reader went away (`wordlm score ... | head`): click's own quiet handling
-            raise
+        except BrokenPipeError:  # the reader went away (`wordlm generate ... | head`) with what it wanted: a
+            _quiet_stdout()      # normal end, exit 0, as when the output fitted in the pipe before head exited
+            raise typer.Exit(0) from None
         except RuntimeError as e:  # torch.OutOfMemoryError (a GPU) is one; the CPU allocator's is a plain one
             if not _out_of_memory(e):
                 raise
@@ -113,6 +114,16 @@ def _cli(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is left of it (at exit) meets no closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (a test runner's capture)
+        pass
 
 
 _RANK_ERRORS = "WORDLM_RANK_ERRORS"  # set by `train --nproc`: where each rank leaves its error lines
