@@ -559,3 +559,21 @@ def test_a_reader_that_stops_early_ends_the_command_quietly_with_exit_0(demo_run
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and b"Error" not in err and b"Traceback" not in err, err.decode()
+
+
+def test_a_log_reader_that_goes_away_does_not_stop_the_work(monkeypatch):
+    # `wordlm train ... 2>&1 | head`: log lines meet a closed pipe; training must go on (and end with exit 0
+    # once its checkpoints are written), not die in the middle of a run
+    import logging
+
+    from wordlm.cli import _EchoHandler
+
+    class Closed:
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stderr", Closed())
+    _EchoHandler().emit(logging.LogRecord("wordlm", logging.INFO, __file__, 1, "epoch 3: valid ppl 120", None, None))

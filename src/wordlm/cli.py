@@ -78,7 +78,10 @@ class _EchoHandler(logging.Handler):
     """wordlm's log lines go, unadorned, to whatever sys.stderr is at the time."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        typer.echo(record.getMessage(), err=True)
+        try:
+            typer.echo(record.getMessage(), err=True)
+        except BrokenPipeError:  # the log's reader went away (`wordlm train ... 2>&1 | head`): the work goes on
+            pass
 
 
 def _cli(fn):
