@@ -45,9 +45,14 @@ def test_sample_frequencies_and_seed():
 
 
 def test_bad_sampling_arguments():
-    for args, needle in (((0.0, 0, 1.0), "temperature must be > 0"), ((1.0, -1, 1.0), "top-k must be >= 0"),
-                         ((1.0, 0, 0.0), "top-p must be in (0, 1]"), ((1.0, 0, 1.5), "top-p must be in (0, 1]")):
+    # named as the Python API's keywords; as the command line's options with flags=True (what the CLI passes)
+    for args, needle in (((0.0, 0, 1.0), "temperature must be > 0, got 0.0 (use top_k=1 for greedy decoding)"),
+                         ((1.0, -1, 1.0), "top_k must be >= 0"), ((1.0, 0, 0.0), "top_p must be in (0, 1]"),
+                         ((1.0, 0, 1.5), "top_p must be in (0, 1]")):
         with pytest.raises(UsageError) as e:
             check_sampling(*args)
-        assert needle in str(e.value)
+        assert str(e.value).startswith(needle)
+        with pytest.raises(UsageError) as e:
+            check_sampling(*args, flags=True)
+        assert str(e.value).startswith("--" + needle.replace("top_k=1", "--top-k 1").replace("_", "-"))
     check_sampling(0.7, 40, 0.9)  # valid arguments pass

@@ -543,10 +543,16 @@ def test_the_python_api_checks_its_arguments(lm):
     text = ROOT / "data" / "tiny" / "valid.txt"
     with pytest.raises(UsageError, match="seq_len must be >= 1, got 0"):
         lm.evaluate(text, seq_len=0)
-    with pytest.raises(UsageError, match="--dyn-seq-len must be >= 1, got 0"):
-        lm.evaluate_dynamic(text, 1e-4, 0.0, seq_len=0)
-    with pytest.raises(UsageError, match="--num-samples must be >= 1, got 0"):
-        lm.generate_many("why", 3, num_samples=0)
+    # named as the keywords the caller wrote, not as the command line's options
+    for call, message in ((lambda: lm.evaluate_dynamic(text, 1e-4, 0.0, seq_len=0), "seq_len must be >= 1, got 0"),
+                          (lambda: lm.generate_many("why", 3, num_samples=0), "num_samples must be >= 1, got 0"),
+                          (lambda: lm.generate("why", max_tokens=-1), "max_tokens must be >= 0, got -1"),
+                          (lambda: lm.generate("why", top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+                          (lambda: lm.predict("why", k=0), "k must be >= 1, got 0"),
+                          (lambda: lm.evaluate(text, batch_size=0), "batch_size must be >= 1, got 0")):
+        with pytest.raises(UsageError) as e:
+            call()
+        assert str(e.value) == message
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly_with_exit_0(demo_run):

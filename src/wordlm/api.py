@@ -82,7 +82,7 @@ class LanguageModel:
     # --- uses ----------------------------------------------------------------------------------------------
     def _streams(self, path: str | Path, batch_size: int):
         if batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         split = encode_file(path, self.tokenizer, self.config.data.cache_dir or None, what="text to evaluate")
         try:
             return split, Streams(split.ids, batch_size, self.device)
@@ -143,7 +143,7 @@ class LanguageModel:
         from .evaluate import dynamic_total_nll, gradient_ms
 
         if seq_len < 1:
-            raise UsageError(f"--dyn-seq-len must be >= 1, got {seq_len}")
+            raise UsageError(f"seq_len must be >= 1, got {seq_len}")
         for flag, v in (("--dyn-lr", lr), ("--dyn-lambda", decay)):
             if v is not None and not (math.isfinite(v) and v >= 0):
                 raise UsageError(f"{flag} must be a finite number >= 0, got {v}")
@@ -215,7 +215,7 @@ class LanguageModel:
                  top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
         """Stream the continuation of `prompt` as text pieces (words with their spacing, or characters)."""
         if max_tokens < 0:
-            raise UsageError(f"--max-tokens must be >= 0, got {max_tokens}")
+            raise UsageError(f"max_tokens must be >= 0, got {max_tokens}")
         return (pieces[0] for pieces in self.generate_many(prompt, max_tokens, temperature, top_k, top_p, seed))
 
     def generate_many(self, prompt: str, max_tokens: int, temperature: float = 1.0, top_k: int = 0,
@@ -225,7 +225,7 @@ class LanguageModel:
         Arguments and the prompt are checked here, before the first piece is asked for."""
         check_sampling(temperature, top_k, top_p)
         if num_samples < 1:
-            raise UsageError(f"--num-samples must be >= 1, got {num_samples}")
+            raise UsageError(f"num_samples must be >= 1, got {num_samples}")
         ctx = self.context_ids(prompt)
         steps = continue_ids(self.model, ctx, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=seed, num_samples=num_samples)
@@ -257,7 +257,7 @@ class LanguageModel:
         sums the paths the beam found, so it is a lower bound. Char tokenizer: single characters.
         """
         if k < 1:
-            raise UsageError(f"-k must be >= 1, got {k}")
+            raise UsageError(f"k must be >= 1, got {k}")
         logp, state = read_context(self.model, self.context_ids(prompt, allow_empty=True))
         if self.tokenizer.kind == "sentencepiece":
             return self._predict_words(logp, state, k)

@@ -397,7 +397,7 @@ def generate(
     from .api import LanguageModel
     from .generate import check_sampling
 
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, flags=True)
     lm = LanguageModel.load(run)
 
     def one(text: str) -> None:

@@ -11,14 +11,18 @@ from .errors import UsageError
 from .model import LSTMLanguageModel, State
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling(temperature: float, top_k: int, top_p: float, flags: bool = False) -> None:
+    """Refuse sampling arguments that mean nothing, naming them as the Python API's keywords, or with `flags` as
+    the command line's options."""
+    t, k, p = ("--temperature", "--top-k", "--top-p") if flags else ("temperature", "top_k", "top_p")
+    greedy = "--top-k 1" if flags else "top_k=1"
     problems = []
     if not temperature > 0:
-        problems.append(f"--temperature must be > 0, got {temperature} (use --top-k 1 for greedy decoding)")
+        problems.append(f"{t} must be > 0, got {temperature} (use {greedy} for greedy decoding)")
     if top_k < 0:
-        problems.append(f"--top-k must be >= 0 (0 = off), got {top_k}")
+        problems.append(f"{k} must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
-        problems.append(f"--top-p must be in (0, 1], got {top_p}")
+        problems.append(f"{p} must be in (0, 1], got {top_p}")
     if problems:
         raise UsageError("; ".join(problems))
 
