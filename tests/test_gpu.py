@@ -284,3 +284,25 @@ def test_dynamic_evaluation_runs_on_the_gpu(demo_run):
     assert adapted == pytest.approx(native, rel=1e-4)
     assert not lm.model.training and not any(m.training for m in lm.model.modules())
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("layered", [False, True], ids=["fused-lstm", "awd-shape"])
+def test_dynamic_evaluation_on_cudnn_reads_like_pytorch_s_own_kernels(layered):
+    # The AWD shape (one nn.LSTM per layer, a narrower last one, weight drop and every dropout configured) and a
+    # fused 2-layer LSTM with its own dropout: adapting on cuDNN (the LSTMs alone in training mode, dropout off)
+    # must read what PyTorch's own kernels read, and leave every module in eval mode.
+    from wordlm.data import Streams
+    from wordlm.evaluate import dynamic_total_nll, gradient_ms
+
+    torch.manual_seed(0)
+    knobs = (dict(num_layers=3, last_hidden_size=32, weight_drop=0.5, dropout_hidden=0.3, dropout_input=0.3,
+                  dropout_output=0.3, dropout_embedding=0.1) if layered else dict(num_layers=2, dropout=0.5))
+    m = LSTMLanguageModel(100, ModelConfig(embedding_size=32, hidden_size=64, tie_weights=layered, **knobs)).cuda()
+    m.eval()
+    streams = Streams(torch.randint(0, 100, (400,)).numpy(), 1, "cuda")
+    ms = gradient_ms(m, streams, 10, windows=10)
+    cudnn, n = dynamic_total_nll(m, streams, 10, lr=1e-3, decay=1e-3, ms=ms)
+    with torch.backends.cudnn.flags(enabled=False):
+        native, _ = dynamic_total_nll(m, streams, 10, lr=1e-3, decay=1e-3, ms=ms)
+    assert n == 399 and cudnn == pytest.approx(native, rel=1e-4)
+    assert not any(mod.training for mod in m.modules())
