@@ -69,12 +69,15 @@ def test_gpu_session_awd_part_trains_the_averaging_recipe(tmp_path):
     # The next AWD attempt (configs/ptb-awd-gpu-asgd.toml) for what LIMIT leaves (AWD_SETS, last on the command
     # line, cuts it to 4 s of a tiny model here): NT-ASGD's average must start, and the test pass must follow.
     out = tmp_path / "out"
+    # DYNAMIC=1: the dynamic evaluation after the test pass, in the same call (the next AWD call's plan)
     run(["bash", "scripts/gpu_session.sh"], PARTS="awd", GRAPHS="false", DATA=str(ROOT / "data" / "tiny"),
-        OUT=str(out), RUNS=str(tmp_path / "runs"), LIMIT="80", AWD_SETS="--set train.time_budget_s=4",
-        EXTRA=" ".join(["--set train.device=cpu", *AWD_SMALL, "--set train.batch_size=4"]))
+        OUT=str(out), RUNS=str(tmp_path / "runs"), LIMIT="120", AWD_SETS="--set train.time_budget_s=4",
+        EXTRA=" ".join(["--set train.device=cpu", *AWD_SMALL, "--set train.batch_size=4"]),
+        DYNAMIC="1", DYN_LIMIT="40", DYN_ARGS="--dyn-lr 1e-4 --dyn-lambda 0")
     log = (out / "session.log").read_text()
     assert "train awd-gpu (configs/ptb-awd-gpu-asgd.toml --set train.time_budget_s=" in log
     assert '"tokens": 5623' in log, log
+    assert "dynamic evaluation awd-gpu (test, batch 1)" in log and '"dynamic": {"lr": 0.0001' in log, log
     recs = (out / "metrics-awd-gpu.jsonl").read_text()
     assert '"trigger": "train.average_after = 0.7"' in recs or '"trigger": "validation' in recs
     assert '"raw_valid_ppl"' in recs
