@@ -45,14 +45,19 @@ def test_sample_frequencies_and_seed():
 
 
 def test_bad_sampling_arguments():
-    # named as the Python API's keywords; as the command line's options with flags=True (what the CLI passes)
+    # named as the Python API's keywords; as the command line's options inside errors.options (as the CLI runs it)
+    from wordlm.errors import options
+
     for args, needle in (((0.0, 0, 1.0), "temperature must be > 0, got 0.0 (use top_k=1 for greedy decoding)"),
                          ((1.0, -1, 1.0), "top_k must be >= 0"), ((1.0, 0, 0.0), "top_p must be in (0, 1]"),
                          ((1.0, 0, 1.5), "top_p must be in (0, 1]")):
         with pytest.raises(UsageError) as e:
             check_sampling(*args)
         assert str(e.value).startswith(needle)
-        with pytest.raises(UsageError) as e:
-            check_sampling(*args, flags=True)
+        with options(temperature="--temperature", top_k="--top-k", top_p="--top-p"), pytest.raises(UsageError) as e:
+            check_sampling(*args)
         assert str(e.value).startswith("--" + needle.replace("top_k=1", "--top-k 1").replace("_", "-"))
+        with pytest.raises(UsageError) as e:  # the names are put back when the block ends
+            check_sampling(*args)
+        assert str(e.value).startswith(needle)
     check_sampling(0.7, 40, 0.9)  # valid arguments pass

@@ -512,7 +512,7 @@ def test_dynamic_evaluation_refuses_non_finite_settings_and_reports_divergence(l
     from wordlm.errors import UsageError
 
     text = ROOT / "data" / "tiny" / "valid.txt"
-    for lr, decay, flag in ((math.inf, 0.0, "--dyn-lr"), (1e-4, math.nan, "--dyn-lambda")):
+    for lr, decay, flag in ((math.inf, 0.0, "lr"), (1e-4, math.nan, "decay")):
         with pytest.raises(UsageError, match=f"{flag} must be a finite number >= 0"):
             lm.evaluate_dynamic(text, lr, decay)
 
@@ -525,7 +525,7 @@ def test_dynamic_evaluation_refuses_non_finite_settings_and_reports_divergence(l
     assert r["ppl"] == math.inf and r["loss"] == 5000.0  # once an OverflowError's traceback
     assert [m.getMessage() for m in caplog.records] == [
         "warning: dynamic evaluation diverged at lr 1e+06 (perplexity inf, above the vocabulary's 142, which a "
-        "uniform guess gets): use a smaller --dyn-lr, or leave it out to choose one on the validation split"]
+        "uniform guess gets): use a smaller lr, or leave it out to choose one on the validation split"]
     monkeypatch.setattr(wordlm.evaluate, "dynamic_total_nll", lambda *a: (math.log(50.0) * 100, 100))
     caplog.clear()
     with caplog.at_level("WARNING", logger="wordlm"):
@@ -553,6 +553,82 @@ def test_the_python_api_checks_its_arguments(lm):
         with pytest.raises(UsageError) as e:
             call()
         assert str(e.value) == message
+
+
+        with pytest.raises(UsageError) as e:
+            call()
+        assert str(e.value) == message
+
+
+def test_dynamic_evaluation_refuses_a_missing_grid_text_before_its_slow_passes(lm, tmp_path, monkeypatch):
+    import wordlm.evaluate
+    from wordlm.errors import DataError, UsageError
+
+    def no_slow_pass(*args, **kwargs):
+        raise AssertionError("the gradient-scale pass ran before the arguments were checked")
+
+    monkeypatch.setattr(wordlm.evaluate, "gradient_ms", no_slow_pass)
+    text = ROOT / "data" / "tiny" / "test.txt"
+    with pytest.raises(DataError, match=f"text to evaluate: {tmp_path}/none.txt does not exist"):
+        lm.evaluate_dynamic(text, grid_on=tmp_path / "none.txt")
+    with pytest.raises(UsageError, match="give lr and decay, or a validation text"):
+        lm.evaluate_dynamic(text, lr=1e-4, grid_on="")  # an empty data.valid is no validation text
+
+
+def test_api_messages_name_keywords_and_the_cli_s_name_its_options(lm, demo_run, tmp_path, monkeypatch):
+    """One check serves both: the Python caller reads the keyword it wrote (`lr`), the command line's user the
+    option they typed (`--dyn-lr`), for each refusal the CLI does not make itself first."""
+    import wordlm.evaluate
+    from wordlm.api import LanguageModel
+    from wordlm.errors import DataError, UsageError
+
+    monkeypatch.setattr(wordlm.evaluate, "_runs_bf16_lstm", lambda device: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    no_bf16 = "this CPU (AVX2) has no bf16 LSTM kernel (oneDNN's needs AVX-512 or Arm bf16)"
+    text, short = ROOT / "data" / "tiny" / "valid.txt", tmp_path / "short.txt"
+    short.write_text("why do we need\n")
+    load_as_is = LanguageModel.load
+
+    def without_valid(cls, *args, **kwargs):
+        m = load_as_is(*args, **kwargs)
+        m.config.data.valid = ""
+        return m
+
+    cases = [  # (API call, its message; CLI arguments, their message)
+        (lambda: lm.evaluate(text, precision="bf16"), f"precision='bf16', but {no_bf16}: use precision='fp32'",
+         ["eval", demo_run, "--precision", "bf16", "--device", "cpu"],
+         f"--precision bf16, but {no_bf16}: use --precision fp32"),
+        (lambda: lm.evaluate(text, cuda_graphs=True),
+         "cuda_graphs=True needs a CUDA device and the model is on cpu: drop it or use device='cuda'",
+         ["eval", demo_run, "--cuda-graphs", "--device", "cpu"],
+         "--cuda-graphs needs a CUDA device and the model is on cpu: drop it or use --device cuda"),
+        (lambda: lm.evaluate_dynamic(text, math.nan, 0.0), "lr must be a finite number >= 0, got nan",
+         ["eval", demo_run, "--dynamic", "--dyn-lr", "inf", "--dyn-lambda", "0"],
+         "--dyn-lr must be a finite number >= 0, got inf"),
+        (lambda: lm.evaluate_dynamic(text, 1e-4), "give lr and decay, or a validation text (grid_on) for the grid "
+         "search to choose them on", ["eval", demo_run, "--data", text, "--dynamic", "--dyn-lr", "1e-4", "--no-valid"],
+         "give --dyn-lr and --dyn-lambda, or a validation text (data.valid) for the grid search to choose them on"),
+        (lambda: lm.evaluate(short, batch_size=4), f"{short}: text of 5 tokens is too short for 4 streams (each "
+         "needs at least 2 tokens); use a longer text or a smaller batch size (batch_size)",
+         ["eval", demo_run, "--data", short, "--batch-size", "4"], f"{short}: text of 5 tokens is too short for 4 "
+         "streams (each needs at least 2 tokens); use a longer text or a smaller batch size (--batch-size)"),
+        (lambda: list(lm.generate(" ")), "the prompt is empty; give some text to condition on, e.g. prompt='the'",
+         ["generate", demo_run, "--prompt", " "], "the prompt is empty; give some text to condition on, e.g. "
+         "--prompt the"),
+        (lambda: lm.generate("why", temperature=0.0), "temperature must be > 0, got 0.0 (use top_k=1 for greedy "
+         "decoding)", ["generate", demo_run, "--prompt", "why", "--temperature", "0"],
+         "--temperature must be > 0, got 0.0 (use --top-k 1 for greedy decoding)"),
+    ]
+    for call, message, argv, cli_message in cases:
+        with pytest.raises((UsageError, DataError)) as e:
+            call()
+        assert str(e.value) == message
+        if "--no-valid" in argv:  # a run whose config names no validation text: the CLI has no grid to offer
+            argv.remove("--no-valid")
+            monkeypatch.setattr(LanguageModel, "load", classmethod(without_valid))
+        r = CliRunner().invoke(app, [str(a) for a in argv])
+        monkeypatch.setattr(LanguageModel, "load", load_as_is)
+        assert r.exit_code in (2, 3) and r.output.strip().splitlines() == [f"error: {cli_message}"], r.output
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly_with_exit_0(demo_run):

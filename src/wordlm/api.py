@@ -21,7 +21,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data import Streams, encode_file
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, arg
 from .evaluate import bf16_refusal, bf16_supported, eval_window, perplexity, report, total_nll
 from .generate import check_sampling, continue_ids, read_context
 from .model import build_model, num_parameters, resolve_device
@@ -69,7 +69,7 @@ class LanguageModel:
     def context_ids(self, prompt: str, allow_empty: bool = False) -> list[int]:
         """<eos> (the start of a line) followed by the prompt's tokens; warns about unknown words."""
         if not prompt.strip() and not allow_empty:
-            raise UsageError("the prompt is empty; give some text to condition on, e.g. --prompt \"the\"")
+            raise UsageError(f"the prompt is empty; give some text to condition on, e.g. {arg('prompt', 'the')}")
         ids = self.tokenizer.encode_line(prompt)
         unknown = self.tokenizer.unknown_words(prompt)
         if unknown:
@@ -82,12 +82,12 @@ class LanguageModel:
     # --- uses ----------------------------------------------------------------------------------------------
     def _streams(self, path: str | Path, batch_size: int):
         if batch_size < 1:
-            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"{arg('batch_size')} must be >= 1, got {batch_size}")
         split = encode_file(path, self.tokenizer, self.config.data.cache_dir or None, what="text to evaluate")
         try:
             return split, Streams(split.ids, batch_size, self.device)
         except DataError as e:  # too short for the streams: name the file and the flag to change
-            raise DataError(f"{path}: {e} (--batch-size)") from None
+            raise DataError(f"{path}: {e} ({arg('batch_size')})") from None
 
     def evaluate(self, path: str | Path, batch_size: int = 10, seq_len: int | None = None,
                  cuda_graphs: bool = False, precision: str | None = None) -> dict:
@@ -99,9 +99,10 @@ class LanguageModel:
         from .graphs import CudaGraphs, NotRecordable, RecordedEvaluation
 
         if precision not in (None, "fp32", "bf16"):
-            raise UsageError(f"precision must be fp32 or bf16, got {precision!r}")
+            raise UsageError(f"{arg('precision')} must be fp32 or bf16, got {precision!r}")
         if precision == "bf16" and not bf16_supported(self.device):
-            raise UsageError(f"--precision bf16, but {bf16_refusal(self.device)}: use --precision fp32")
+            raise UsageError(f"{arg('precision', 'bf16')}, but {bf16_refusal(self.device)}: use "
+                             f"{arg('precision', 'fp32')}")
         if precision is None:
             precision = self.config.train.precision
             if precision == "bf16" and not bf16_supported(self.device):
@@ -109,13 +110,13 @@ class LanguageModel:
                 precision = "fp32"
 
         if cuda_graphs and self.config.model.decoder == "adaptive":
-            raise UsageError("--cuda-graphs cannot record the adaptive softmax (its shapes depend on the targets): "
-                             "drop --cuda-graphs")
+            raise UsageError(f"{arg('cuda_graphs', True)} cannot record the adaptive softmax (its shapes depend on "
+                             f"the targets): drop it")
         if cuda_graphs and not CudaGraphs.supports(self.device):
-            raise UsageError(f"--cuda-graphs needs a CUDA device and the model is on {self.device}: drop "
-                             f"--cuda-graphs or use --device cuda")
+            raise UsageError(f"{arg('cuda_graphs', True)} needs a CUDA device and the model is on {self.device}: "
+                             f"drop it or use {arg('device', 'cuda')}")
         if seq_len is not None and seq_len < 1:
-            raise UsageError(f"seq_len must be >= 1, got {seq_len}")
+            raise UsageError(f"{arg('seq_len')} must be >= 1, got {seq_len}")
         split, streams = self._streams(path, batch_size)
         if seq_len is None:
             seq_len = eval_window(batch_size, self.tokenizer.vocab_size, self.config.train.seq_len)
@@ -123,8 +124,8 @@ class LanguageModel:
             try:
                 nll, n = RecordedEvaluation(CudaGraphs()).total_nll(self.model, streams, seq_len, precision)
             except NotRecordable as e:
-                raise UsageError(f"--cuda-graphs: the forward pass could not be recorded as a CUDA graph ({e}); "
-                                 f"drop --cuda-graphs") from None
+                raise UsageError(f"{arg('cuda_graphs', True)}: the forward pass could not be recorded as a CUDA "
+                                 f"graph ({e}); drop it") from None
         else:
             nll, n = total_nll(self.model, streams, seq_len, precision)
         out = report(nll, n, split, subword=self.tokenizer.kind != "word", unk_id=self.tokenizer.unk_id)
@@ -143,23 +144,29 @@ class LanguageModel:
         from .evaluate import dynamic_total_nll, gradient_ms
 
         if seq_len < 1:
-            raise UsageError(f"seq_len must be >= 1, got {seq_len}")
-        for flag, v in (("--dyn-lr", lr), ("--dyn-lambda", decay)):
+            raise UsageError(f"{arg('seq_len')} must be >= 1, got {seq_len}")
+        grid_on = grid_on or None  # a config's empty data.valid: no validation text
+        if grid_on is None and (lr is None or decay is None):  # refused before the slow passes
+            raise UsageError(f"give {arg('lr')} and {arg('decay')}, or a validation text ({arg('grid_on')}) for "
+                             f"the grid search to choose them on")
+        for keyword, v in (("lr", lr), ("decay", decay)):
             if v is not None and not (math.isfinite(v) and v >= 0):
-                raise UsageError(f"{flag} must be a finite number >= 0, got {v}")
+                raise UsageError(f"{arg(keyword)} must be a finite number >= 0, got {v}")
         ms_path = self.config.data.train if Path(self.config.data.train or "/nonexistent").is_file() else grid_on
         if ms_path is None:
-            raise UsageError("dynamic evaluation needs the training text (data.train) or a validation text")
+            raise UsageError(f"dynamic evaluation needs the training text (data.train) or a validation text "
+                             f"({arg('grid_on')})")
+        searching = grid_on is not None and (lr is None or decay is None)
         split, streams = self._streams(path, batch_size)  # a bad text fails here, before the slow passes
         _, ms_streams = self._streams(ms_path, batch_size)
+        grid_split = self._streams(grid_on, batch_size)[0] if searching else None
         started = time.perf_counter()
         ms = gradient_ms(self.model, ms_streams, seq_len, ms_windows)
         log.info("dynamic: gradient scale from %d windows of %s (%.1fs)", ms_windows, Path(ms_path).name,
                  time.perf_counter() - started)
         chosen = {"lr": lr, "decay": decay}
         grid = []
-        if grid_on is not None and (lr is None or decay is None):
-            grid_split, _ = self._streams(grid_on, batch_size)
+        if searching:
             grid_streams = Streams(grid_split.ids[: grid_tokens + 1], batch_size, self.device)
             # RMS-normalised steps are large where gradients are rare (about half the weights of a PTB model
             # have an RMS gradient under 1e-6): useful step sizes are small. On the first 10,000 validation
@@ -197,16 +204,14 @@ class LanguageModel:
                 log.warning("warning: lr and lambda were chosen on %s tokens of %s, the text evaluated here, so "
                             "this perplexity is optimistic; evaluate another text (--split test) for a fair figure",
                             f"all {n:,}" if n >= len(grid_split.ids) - 1 else f"the first {n:,}", Path(path).name)
-        if chosen["lr"] is None or chosen["decay"] is None:
-            raise UsageError("give --dyn-lr and --dyn-lambda, or let the grid search choose them on the "
-                             "validation split")
         log.info("dynamic: lr %g, lambda %g over %s (%d updates of %d tokens)", chosen["lr"], chosen["decay"],
                  Path(path).name, math.ceil((len(split.ids) - 1) // batch_size / seq_len), seq_len)
         nll, n = dynamic_total_nll(self.model, streams, seq_len, chosen["lr"], chosen["decay"], ms)
         if not nll / n <= math.log(self.tokenizer.vocab_size):  # worse than a uniform guess, or nan
             log.warning("warning: dynamic evaluation diverged at lr %g (perplexity %s, above the vocabulary's %d, "
-                        "which a uniform guess gets): use a smaller --dyn-lr, or leave it out to choose one on the "
-                        "validation split", chosen["lr"], f"{perplexity(nll / n):.4g}", self.tokenizer.vocab_size)
+                        "which a uniform guess gets): use a smaller %s, or leave it out to choose one on the "
+                        "validation split", chosen["lr"], f"{perplexity(nll / n):.4g}", self.tokenizer.vocab_size,
+                        arg("lr"))
         out = report(nll, n, split, subword=self.tokenizer.kind != "word", unk_id=self.tokenizer.unk_id)
         return {**out, "total_nll": nll, "dynamic": {**chosen, "batch_size": batch_size, "seq_len": seq_len,
                                                      "grid": grid, "grid_on": str(grid_on) if grid else None}}
@@ -215,7 +220,7 @@ class LanguageModel:
                  top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
         """Stream the continuation of `prompt` as text pieces (words with their spacing, or characters)."""
         if max_tokens < 0:
-            raise UsageError(f"max_tokens must be >= 0, got {max_tokens}")
+            raise UsageError(f"{arg('max_tokens')} must be >= 0, got {max_tokens}")
         return (pieces[0] for pieces in self.generate_many(prompt, max_tokens, temperature, top_k, top_p, seed))
 
     def generate_many(self, prompt: str, max_tokens: int, temperature: float = 1.0, top_k: int = 0,
@@ -225,7 +230,7 @@ class LanguageModel:
         Arguments and the prompt are checked here, before the first piece is asked for."""
         check_sampling(temperature, top_k, top_p)
         if num_samples < 1:
-            raise UsageError(f"num_samples must be >= 1, got {num_samples}")
+            raise UsageError(f"{arg('num_samples')} must be >= 1, got {num_samples}")
         ctx = self.context_ids(prompt)
         steps = continue_ids(self.model, ctx, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=seed, num_samples=num_samples)
@@ -257,7 +262,7 @@ class LanguageModel:
         sums the paths the beam found, so it is a lower bound. Char tokenizer: single characters.
         """
         if k < 1:
-            raise UsageError(f"k must be >= 1, got {k}")
+            raise UsageError(f"{arg('k')} must be >= 1, got {k}")
         logp, state = read_context(self.model, self.context_ids(prompt, allow_empty=True))
         if self.tokenizer.kind == "sentencepiece":
             return self._predict_words(logp, state, k)

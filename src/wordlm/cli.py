@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .errors import WordLMError
+from .errors import WordLMError, options
 
 app = typer.Typer(
     name="wordlm",
@@ -117,6 +117,20 @@ def _cli(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _options(**names: str):
+    """Messages from the Python API name its keywords as these options while the command runs."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with options(**names):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def _quiet_stdout() -> None:
@@ -316,6 +330,8 @@ class Precision(StrEnum):
 
 @app.command("eval")
 @_cli
+@_options(batch_size="--batch-size", lr="--dyn-lr", decay="--dyn-lambda", seq_len="--dyn-seq-len",
+          grid_on="data.valid", device="--device", cuda_graphs="--cuda-graphs", precision="--precision")
 def eval_(
     run: RunArg,
     split: Annotated[Split, typer.Option(help="which split of the run's config to read")] = Split.valid,
@@ -381,6 +397,8 @@ def eval_(
 
 @app.command()
 @_cli
+@_options(prompt="--prompt", max_tokens="--max-tokens", temperature="--temperature", top_k="--top-k",
+          top_p="--top-p", num_samples="--num-samples")
 def generate(
     run: RunArg,
     prompt: Annotated[str, typer.Option(help="text to continue")] = "",
@@ -397,7 +415,7 @@ def generate(
     from .api import LanguageModel
     from .generate import check_sampling
 
-    check_sampling(temperature, top_k, top_p, flags=True)
+    check_sampling(temperature, top_k, top_p)
     lm = LanguageModel.load(run)
 
     def one(text: str) -> None:
@@ -436,6 +454,7 @@ def generate(
 
 @app.command()
 @_cli
+@_options(prompt="--prompt", k="--top")
 def predict(
     run: RunArg,
     prompt: Annotated[str, typer.Option(help="the context; the next word is predicted")] = "",

@@ -34,7 +34,8 @@ _CHUNK_LINES = 8192
 def check_text_file(path: str | Path, what: str) -> Path:
     """Fail with one clear line unless `path` is an existing, non-empty regular file."""
     if not path:
-        raise DataError(f"{what}: no path given; set it in the config (e.g. --set {what}=path/to/file.txt)")
+        hint = f"; set it in the config (e.g. --set {what}=path/to/file.txt)" if what.startswith("data.") else ""
+        raise DataError(f"{what}: no path given{hint}")
     p = Path(path)
     if not p.exists():
         hint = f"; point it at your copy with --set {what}=PATH" if what.startswith("data.") else ""

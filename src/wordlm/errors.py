@@ -4,6 +4,9 @@ Every error a user can cause is a `WordLMError`; the CLI turns it into one line 
 code (never a traceback). Anything else escaping is a bug in wordlm.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 
@@ -67,3 +70,31 @@ def check_out_file(out: Path, example: str) -> None:
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist; create it first or write "
                          f"elsewhere")
+
+
+# The command line's options for the Python API's keywords, while a CLI command runs (see `options`).
+_OPTIONS: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("wordlm_options", default=())
+_UNSET = object()
+
+
+@contextmanager
+def options(**names: str) -> Iterator[None]:
+    """Within it, messages name the keywords given here as these command-line options: a CLI command wraps the
+    API calls it makes, so that `lm.evaluate_dynamic(..., lr=inf)` says `lr` and `wordlm eval --dyn-lr inf`
+    says `--dyn-lr`, from the one check."""
+    token = _OPTIONS.set((*_OPTIONS.get(), *names.items()))
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+def arg(keyword: str, value: object = _UNSET) -> str:
+    """An argument as the caller wrote it: `lr` or `lr=0.1` from Python, `--dyn-lr` or `--dyn-lr 0.1` (a flag
+    alone for True) inside `options(lr="--dyn-lr")`."""
+    flag = dict(_OPTIONS.get()).get(keyword)
+    if value is _UNSET:
+        return flag or keyword
+    if flag is None:
+        return f"{keyword}={value!r}"
+    return flag if value is True else f"{flag} {value}"

@@ -7,15 +7,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from .errors import UsageError, arg
 from .model import LSTMLanguageModel, State
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float, flags: bool = False) -> None:
-    """Refuse sampling arguments that mean nothing, naming them as the Python API's keywords, or with `flags` as
-    the command line's options."""
-    t, k, p = ("--temperature", "--top-k", "--top-p") if flags else ("temperature", "top_k", "top_p")
-    greedy = "--top-k 1" if flags else "top_k=1"
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Refuse sampling arguments that mean nothing, naming them as the Python API's keywords (or, inside the CLI's
+    `errors.options`, as the command line's options)."""
+    t, k, p, greedy = arg("temperature"), arg("top_k"), arg("top_p"), arg("top_k", 1)
     problems = []
     if not temperature > 0:
         problems.append(f"{t} must be > 0, got {temperature} (use {greedy} for greedy decoding)")
