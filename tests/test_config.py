@@ -105,6 +105,26 @@ def test_overrides_parse_as_toml_and_win(tmp_path):
         load_config(p, ["train.lr"])
 
 
+def test_an_unknown_key_points_at_the_section_it_belongs_in_or_the_key_it_resembles(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[trian]\nlr = 1.0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.problems == ["unknown section [trian]; did you mean [train]? (sections: data, tokenizer, model, "
+                                "train)"]
+    p.write_text("[train]\nlr = 1.0\n")
+    for override, hint in (("model.lr=1", "unknown key model.lr; it belongs in [train]: train.lr (valid: "),
+                           ("data.vocab_size=9", "unknown key data.vocab_size; it belongs in [tokenizer]: "
+                                                 "tokenizer.vocab_size (valid: "),
+                           ("model.hiden_size=9", "unknown key model.hiden_size; did you mean model.hidden_size? "
+                                                  "(valid: "),
+                           ("train.epoch=3", "unknown key train.epoch; did you mean train.epochs? (valid: "),
+                           ("train.bogus=1", "unknown key train.bogus (valid: ")):  # nothing close: no guess
+        with pytest.raises(ConfigError) as e:
+            load_config(p, [override])
+        assert len(e.value.problems) == 1 and e.value.problems[0].startswith(hint), e.value.problems
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")

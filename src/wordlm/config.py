@@ -8,6 +8,7 @@ them together, each naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -204,6 +205,15 @@ def _coerce(value: Any, t: type) -> tuple[bool, Any]:
     return isinstance(value, str), value
 
 
+def _suggest(section: str, key: str) -> str:
+    """For an unknown key: the same key in another section (`model.lr` for train.lr), or a close spelling."""
+    elsewhere = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+    if elsewhere:
+        return f"; it belongs in [{elsewhere[0]}]: {elsewhere[0]}.{key}"
+    close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(SECTIONS[section])], n=1)
+    return f"; did you mean {section}.{close[0]}?" if close else ""
+
+
 def _build(raw: dict[str, Any]) -> tuple[Config, list[str]]:
     cfg, problems = Config(), []
     for section, values in raw.items():
@@ -212,7 +222,9 @@ def _build(raw: dict[str, Any]) -> tuple[Config, list[str]]:
                             f"{', '.join(f'[{s}]' for s in SECTIONS)}")
             continue
         if section not in SECTIONS:
-            problems.append(f"unknown section [{section}] (sections: {', '.join(SECTIONS)})")
+            close = difflib.get_close_matches(section, SECTIONS, n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else ""
+            problems.append(f"unknown section [{section}]{hint} (sections: {', '.join(SECTIONS)})")
             continue
         if not isinstance(values, dict):
             problems.append(f"[{section}] must be a table of keys")
@@ -222,7 +234,7 @@ def _build(raw: dict[str, Any]) -> tuple[Config, list[str]]:
         names = [f.name for f in dataclasses.fields(target)]
         for key, value in values.items():
             if key not in names:
-                problems.append(f"unknown key {section}.{key} (valid: {', '.join(names)})")
+                problems.append(f"unknown key {section}.{key}{_suggest(section, key)} (valid: {', '.join(names)})")
                 continue
             ok, value = _coerce(value, hints[key])
             if not ok:
