@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import math
 import random
 import subprocess
@@ -96,6 +97,28 @@ def test_score_file_and_ranking(demo_run, tmp_path):
     r = CliRunner().invoke(app, ["score", str(demo_run), "--file", str(f)])
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[0].endswith("why do we need a recurrent neural network")
+
+
+def test_score_names_the_words_it_scored_as_unk(lm, caplog):
+    # <unk> stands for every word the model never saw: a sentence of such words reads as likelier than it is, so
+    # the caller is told which words were read that way (once each); an empty sentence is named by its place.
+    from wordlm.errors import UsageError
+
+    logger = logging.getLogger("wordlm")  # a CLI test's callback may have stopped it propagating to caplog's root
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="wordlm"):
+            scored = lm.score(["why do we need a zebra", "the zebra the giraffe", "why do we need <unk>"])
+            assert {m.getMessage() for m in caplog.records} == {  # a set: the record may reach caplog twice
+                "warning: not in the vocabulary, scored as <unk>: zebra giraffe"}
+            assert [t["token"] for t in scored[0]["tokens"]][-2:] == ["<unk>", "<eos>"]
+            caplog.clear()
+            lm.score(["why do we need a recurrent neural network"])
+            assert not caplog.records
+    finally:
+        logger.removeHandler(caplog.handler)
+    with pytest.raises(UsageError, match=r"cannot score an empty sentence \(sentence 2 of 3\)"):
+        lm.score(["why", "  ", "do"])
 
 
 def test_generate_many_and_interactive(demo_run, lm):

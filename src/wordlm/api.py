@@ -317,10 +317,11 @@ class LanguageModel:
         string is one sentence."""
         if isinstance(sentences, str):  # not its characters, one by one
             sentences = [sentences]
-        results = []
-        for s in sentences:
+        results, unknown = [], {}  # a dict: each word once, in the order met
+        for i, s in enumerate(sentences, 1):
             if not s.strip():
-                raise UsageError("cannot score an empty sentence")
+                raise UsageError(f"cannot score an empty sentence (sentence {i} of {len(sentences)})")
+            unknown.update(dict.fromkeys(self.tokenizer.unknown_words(s)))
             ids = [self.tokenizer.eos_id, *self.tokenizer.encode_line(s), self.tokenizer.eos_id]
             x = torch.tensor(ids[:-1], device=self.device).unsqueeze(1)
             y = torch.tensor(ids[1:], device=self.device).unsqueeze(1)
@@ -331,4 +332,7 @@ class LanguageModel:
             total = sum(lps)
             results.append({"sentence": s, "logprob": total, "ppl": math.exp(-total / len(lps)),
                             "tokens": toks})
+        if unknown:  # <unk> stands for every unseen word at once: such a sentence's probability flatters it
+            log.warning("warning: not in the vocabulary, scored as <unk>: %s%s", " ".join(list(unknown)[:10]),
+                        f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
         return results
