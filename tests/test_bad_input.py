@@ -42,6 +42,7 @@ def tree_digest(path: Path) -> str:
 def places(demo_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
     (tmp / "empty.txt").write_text("")
+    (tmp / "blank.txt").write_text("   \n\n\t \n")
     (tmp / "latin1.txt").write_bytes("good line\ncaf\xe9\n".encode("latin-1"))
     (tmp / "binary.txt").write_bytes(b"abc\n\x00\x01\x02\x03")
     (tmp / "short.txt").write_text("why do we need a network\n")
@@ -74,7 +75,8 @@ def places(demo_run, tmp_path_factory):
     foreign.mkdir()
     (foreign / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n{"epoch": 1, "loss": 2.0}\n')
     return {"tmp": str(tmp / "scratch"), "cfg": str(ROOT / "configs" / "demo.toml"), "run": str(run_copy),
-            "empty": str(tmp / "empty.txt"), "latin1": str(tmp / "latin1.txt"), "binary": str(tmp / "binary.txt"),
+            "empty": str(tmp / "empty.txt"), "blank": str(tmp / "blank.txt"), "latin1": str(tmp / "latin1.txt"),
+            "binary": str(tmp / "binary.txt"),
             "short": str(tmp / "short.txt"), "notoml": str(tmp / "notoml.toml"), "corrupt": str(corrupt),
             "pickled": str(pickled), "mismatch": str(mismatch), "locked": str(locked),
             "own": str(own), "foreign": str(foreign)}

@@ -135,6 +135,7 @@ def encode_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | 
             raise refusal from None
         cached = False
     tokens = words = 0
+    blank = True  # only blank lines so far: <eos> after <eos>, nothing for a model to learn or be scored on
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(np.array([tokenizer.eos_id], dtype=dtype).tobytes())
@@ -149,6 +150,7 @@ def encode_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | 
 
             for line in iter_lines(p, what, progress):
                 words += len(line.split()) + 1
+                blank = blank and not line.strip()
                 batch.append(line)
                 if len(batch) >= _CHUNK_LINES:
                     flush()
@@ -156,8 +158,8 @@ def encode_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | 
                 flush()
             out.flush()
             os.fsync(out.fileno())
-        if words == 0 or tokens == 0:
-            raise DataError(f"{what}: {p} has no text")
+        if words == 0 or tokens == 0 or blank:
+            raise DataError(f"{what}: {p} holds only blank lines; it needs at least a few lines of text")
         if not cached:
             return EncodedSplit(np.fromfile(tmp, dtype=dtype), tokens, words, str(p), sha)
         os.replace(tmp, ids_path)

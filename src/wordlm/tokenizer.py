@@ -172,10 +172,13 @@ class SentencePieceTokenizer(Tokenizer):
 
         from .errors import ConfigError, DataError
 
+        read = [0]  # the non-blank lines given to the trainer
+
         def sentences() -> Iterator[str]:
             for line in lines:
                 line = line.strip()
                 if line:
+                    read[0] += 1
                     yield line.lower() if lowercase else line
 
         model = io.BytesIO()
@@ -194,6 +197,8 @@ class SentencePieceTokenizer(Tokenizer):
                                   f"for this training text (each of its characters, <unk> and <eos>): raise "
                                   f"tokenizer.vocab_size, or lower tokenizer.sp_character_coverage to leave out "
                                   f"rare characters") from None
+            if not read[0]:
+                raise DataError("data.train holds only blank lines; it needs at least a few lines of text") from None
             raise DataError(f"sentencepiece could not train on the training text: {e}") from None
         return cls(model.getvalue(), lowercase)
 
