@@ -66,6 +66,9 @@ def places(demo_run, tmp_path_factory):
     meta = json.loads((mismatch / "meta.json").read_text())
     meta["files"]["tokenizer.json"] = file_sha256(mismatch / "tokenizer.json")
     (mismatch / "meta.json").write_text(json.dumps(meta))
+    lastless = tmp / "lastless"  # a run whose last/ was deleted by hand: best/ is all there is
+    shutil.copytree(demo_run, lastless, ignore=shutil.ignore_patterns(".lock"))
+    shutil.rmtree(lastless / "last")
     locked = tmp / "locked"
     locked.mkdir()
     own = tmp / "own"  # a folder of the user's, holding the config to train
@@ -79,7 +82,7 @@ def places(demo_run, tmp_path_factory):
             "binary": str(tmp / "binary.txt"),
             "short": str(tmp / "short.txt"), "notoml": str(tmp / "notoml.toml"), "corrupt": str(corrupt),
             "pickled": str(pickled), "mismatch": str(mismatch), "locked": str(locked),
-            "own": str(own), "foreign": str(foreign)}
+            "own": str(own), "foreign": str(foreign), "lastless": str(lastless)}
 
 
 def test_the_table_is_there():

@@ -324,6 +324,10 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
         except CheckpointError:
             raise CheckpointError(f"nothing to resume in {out}: it has no last/ checkpoint; "
                                   f"start without --resume") from None
+        if last.name not in ("last", ".last.old"):  # best/ alone: weights, no optimizer or stream position
+            raise CheckpointError(f"nothing to resume in {out}: last/ is missing or incomplete (no meta.json), and "
+                                  f"best/ keeps weights only (no optimizer state or stream position); start over "
+                                  f"with --overwrite or into another --out")
         ckpt = load_checkpoint(last, train_state=True)
         diffs = arch_differences(cfg, ckpt.config)
         if diffs:
