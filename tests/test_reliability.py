@@ -1,9 +1,11 @@
 """Crashes, kills, corrupt or malicious checkpoints, and NaNs: nothing good is ever lost."""
 
 import json
+import logging
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,6 +125,30 @@ def test_old_copy_is_used_when_the_crash_came_between_the_renames(small_corpus, 
     train(tiny_config(small_corpus, max_steps=6), tmp_path / "run", resume=True)
     assert load_checkpoint(tmp_path / "run", prefer="last").meta["step"] == 6
     assert not (tmp_path / "run" / ".last.old").exists()
+
+
+def test_a_damaged_best_falls_back_to_last_with_a_warning(small_corpus, tmp_path, caplog):
+    # wordlm swaps whole checkpoints in, so a best/ without meta.json is damage (a copy cut short, a hand edit):
+    # evaluation goes on with last/, and says so rather than quietly reading other weights.
+    train(tiny_config(small_corpus, max_steps=3), tmp_path / "run")
+    caplog.clear()  # training's own lines
+    logger = logging.getLogger("wordlm")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="wordlm"):
+            assert find_checkpoint(tmp_path / "run").name == "best"
+            assert not caplog.records
+            (tmp_path / "run" / "best" / "meta.json").unlink()
+            assert find_checkpoint(tmp_path / "run").name == "last"
+        assert {r.getMessage() for r in caplog.records} == {
+            f"warning: {tmp_path / 'run' / 'best'} is incomplete (no meta.json); using {tmp_path / 'run' / 'last'}"}
+        caplog.clear()
+        shutil.rmtree(tmp_path / "run" / "best")  # no best/ at all (a run stopped before its first validation)
+        with caplog.at_level("WARNING", logger="wordlm"):
+            assert find_checkpoint(tmp_path / "run").name == "last"
+        assert not caplog.records
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 class _Payload:

@@ -15,6 +15,7 @@ between the two renames the previous checkpoint is still there as `.NAME.old`, a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -31,6 +32,8 @@ from .config import SECTIONS, Config
 from .data import file_sha256
 from .errors import CheckpointError, ConfigError
 from .tokenizer import Tokenizer, tokenizer_from_state
+
+log = logging.getLogger("wordlm")
 
 FORMAT_VERSION = 1
 ARCH_KEYS = ("model", "tokenizer")  # sections that must match to resume or reuse weights
@@ -115,6 +118,8 @@ def find_checkpoint(path: str | Path, prefer: str = "best") -> Path:
     for name in order:
         for cand in (p / name, p / f".{name}.old"):
             if _is_checkpoint(cand):
+                if name != prefer and (p / prefer).is_dir():  # wordlm writes whole checkpoints: this is damage
+                    log.warning("warning: %s is incomplete (no meta.json); using %s", p / prefer, cand)
                 return cand
     raise CheckpointError(f"no checkpoint in {p} (looked for {p / order[0]} and {p / order[1]}); train one with: "
                           f"wordlm train --config configs/demo.toml --out {p}")
