@@ -291,9 +291,9 @@ class LanguageModel:
         for depth in range(max_pieces):
             cands = []
             for pieces, lp, dist, st in beam:
-                if pieces:
+                word = tok.sp.decode(pieces) if pieces else ""
+                if word.strip():  # not the lone word-start piece on its own: that is no word
                     p_end = torch.logsumexp(dist.masked_fill(~ends, -math.inf), 0).item()
-                    word = tok.sp.decode(pieces)
                     words[word] = float(np.logaddexp(words.get(word, -math.inf), lp + p_end))
                 allowed = starts if depth == 0 else cont
                 top = torch.topk(dist.masked_fill(~allowed, -math.inf), width)
