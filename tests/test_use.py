@@ -188,6 +188,35 @@ def test_info_summarises_a_folder_that_holds_only_a_runs_metrics(demo_run, tmp_p
     assert r.exit_code == 4 and r.output.startswith(f"error: no checkpoint in {tmp_path}")
 
 
+def test_info_and_plot_read_a_curve_file_as_docs_results_keeps_them(tmp_path):
+    # docs/results/X.metrics.jsonl is a run's metrics.jsonl under its own name: info and plot read it as it is,
+    # and plot writes X.png beside it (they used to want it copied into a folder as metrics.jsonl first).
+    import shutil
+
+    curve = tmp_path / "ptb-small-cpu.metrics.jsonl"
+    shutil.copyfile(ROOT / "docs" / "results" / curve.name, curve)
+    (tmp_path / "folder").mkdir()
+    shutil.copyfile(curve, tmp_path / "folder" / "metrics.jsonl")
+    as_file = CliRunner().invoke(app, ["info", str(curve), "--json", "--target-ppl", "130"])
+    assert as_file.exit_code == 0, as_file.output
+    in_folder = CliRunner().invoke(app, ["info", str(tmp_path / "folder"), "--json", "--target-ppl", "130"])
+    summary = json.loads(as_file.output.strip().splitlines()[-1])
+    assert summary == json.loads(in_folder.output.strip().splitlines()[-1])
+    assert summary["validations"] == 13 and summary["target"]["reached"]
+    r = CliRunner().invoke(app, ["info", str(curve)])
+    assert r.output.startswith(f"checkpoint   none: the summary of {curve} alone\nhistory      17,264 steps"), \
+        r.output
+    r = CliRunner().invoke(app, ["info", str(tmp_path / "none.metrics.jsonl")])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        f"error: {tmp_path / 'none.metrics.jsonl'} does not exist; give a run directory, or a metrics.jsonl file"]
+    r = CliRunner().invoke(app, ["info", str(ROOT / "configs" / "demo.toml")])  # any other file: as before
+    assert r.exit_code == 4 and "is a file; give a run directory" in r.output
+    if importlib.util.find_spec("matplotlib"):
+        r = CliRunner().invoke(app, ["plot", str(curve)])
+        assert r.exit_code == 0 and r.output == f"wrote {tmp_path / 'ptb-small-cpu.png'}\n", r.output
+        assert (tmp_path / "ptb-small-cpu.png").stat().st_size > 10_000
+
+
 def test_info_reads_a_run_whose_metrics_end_in_half_a_record(demo_run, tmp_path):
     """`wordlm info` while training writes (or after a kill mid-write): a last line that is half a record is
     left out quietly; a damaged line before it is left out with a warning naming it; the rest is reported."""

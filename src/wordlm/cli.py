@@ -521,17 +521,19 @@ def info(
     json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Config, parameter count, vocabulary and training summary of a run or checkpoint (of a folder that holds
-    only a run's metrics.jsonl, as copied from another machine: the training summary)."""
+    only a run's metrics.jsonl, as copied from another machine, or of such a .jsonl file: the training summary)."""
     from .api import LanguageModel
     from .checkpoint import find_checkpoint
-    from .errors import CheckpointError
-    from .plot import summarize
+    from .errors import CheckpointError, UsageError
+    from .plot import metrics_file, summarize
 
     lm = None
     try:
         find_checkpoint(run)
     except CheckpointError:
-        if not (run.is_dir() and (run / "metrics.jsonl").is_file()):
+        if run.suffix == ".jsonl" and not run.exists():
+            raise UsageError(f"{run} does not exist; give a run directory, or a metrics.jsonl file") from None
+        if not metrics_file(run).is_file():
             raise
     else:
         lm = LanguageModel.load(run)
@@ -550,9 +552,10 @@ def info(
         typer.echo(json.dumps(data))
         return
     if lm is None:
-        typer.echo(f"checkpoint   none in {run}: the summary of its metrics.jsonl alone")
+        typer.echo(f"checkpoint   none in {run}: the summary of its metrics.jsonl alone" if run.is_dir() else
+                   f"checkpoint   none: the summary of {run} alone")
         if not history:
-            typer.echo(f"history      none: {run / 'metrics.jsonl'} holds no validation record yet")
+            typer.echo(f"history      none: {metrics_file(run)} holds no validation record yet")
     else:
         typer.echo(f"checkpoint   {lm.path}\nparameters   {lm.num_parameters:,}\n"
                    f"vocabulary   {lm.tokenizer.vocab_size:,} ({lm.tokenizer.kind})\nstep         {data['step']}")
@@ -583,8 +586,10 @@ def info(
 @app.command()
 @_cli
 def plot(
-    run: Annotated[Path, typer.Argument(parser=_path, metavar="RUN", help="a run directory (with metrics.jsonl)")],
-    out: Annotated[Path | None, _path_option(help="PNG to write (default: RUN/curves.png)")] = None,
+    run: Annotated[Path, typer.Argument(parser=_path, metavar="RUN", help="a run directory (with metrics.jsonl), "
+                                        "or a metrics .jsonl file")],
+    out: Annotated[Path | None, _path_option(help="PNG to write (default: RUN/curves.png; beside a file "
+                                             "X.metrics.jsonl, X.png)")] = None,
 ) -> None:
     """A PNG of training and validation loss/perplexity against tokens seen and wall time."""
     from .plot import plot_run

@@ -32,14 +32,22 @@ def _problem(rec: object) -> str | None:
     return None
 
 
+def metrics_file(run: str | Path) -> Path:
+    """RUN/metrics.jsonl, or RUN itself when it is a .jsonl file (a curve kept apart from its run, as in
+    docs/results/)."""
+    run = Path(run)
+    return run if run.suffix == ".jsonl" and not run.is_dir() else run / "metrics.jsonl"
+
+
 def read_metrics(run: Path) -> list[dict]:
-    """The records of RUN/metrics.jsonl. A line that is not a whole JSON record, or a record without the numbers
-    these readers use, is skipped: the last line may be one that training is writing right now, or one a killed
-    run left half-written; anywhere else one warning counts them and names the first (a file edited by hand, or
-    not one that wordlm wrote)."""
-    path = Path(run) / "metrics.jsonl"
+    """The records of RUN/metrics.jsonl (or of the .jsonl file RUN). A line that is not a whole JSON record, or a
+    record without the numbers these readers use, is skipped: the last line may be one that training is writing
+    right now, or one a killed run left half-written; anywhere else one warning counts them and names the first
+    (a file edited by hand, or not one that wordlm wrote)."""
+    path = metrics_file(run)
     if not path.is_file():
-        raise UsageError(f"{path} does not exist; give a run directory that `wordlm train` wrote")
+        raise UsageError(f"{path} does not exist; give a run directory that `wordlm train` wrote, or its "
+                         f"metrics.jsonl")
     lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
              if ln.strip()]
     records, skipped = [], []
@@ -67,8 +75,7 @@ def summarize(run: str | Path, target_ppl: float | None = None) -> dict:
     validation and checkpoints included). "valid_s_total": the time the validation passes took, and
     "peak_mem_mb" the most memory held, where recorded; "averaging": where NT-ASGD's average began (step, epoch,
     trigger), if it did."""
-    path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
+    if not metrics_file(run).is_file():
         return {}
     recs = read_metrics(run)
     valid = [r for r in recs if r.get("event") == "valid"]
@@ -127,7 +134,11 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     NT-ASGD run's raw iterate and the start of its average, where the run has them)."""
     run = Path(run)
     recs = read_metrics(run)
-    out = Path(out) if out else run / "curves.png"
+    if out is None:  # RUN/curves.png; beside a curve file, its name: X.metrics.jsonl -> X.png
+        name = metrics_file(run).name
+        out = run / "curves.png" if name == "metrics.jsonl" else run.with_name(name.removesuffix(".jsonl")
+                                                                                .removesuffix(".metrics") + ".png")
+    out = Path(out)
     check_out_file(out, "curves.png")
     try:
         import matplotlib
@@ -139,7 +150,7 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
             from None
     drawn = curves(recs)
     if not drawn["loss"]:
-        raise UsageError(f"{run / 'metrics.jsonl'} has no train or valid records yet")
+        raise UsageError(f"{metrics_file(run)} has no train or valid records yet")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     kind = out.suffix[1:].lower()
     if kind and kind not in fig.canvas.get_supported_filetypes():
