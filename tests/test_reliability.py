@@ -151,6 +151,42 @@ def test_a_damaged_best_falls_back_to_last_with_a_warning(small_corpus, tmp_path
         logger.removeHandler(caplog.handler)
 
 
+def test_a_checkpoint_replaced_while_it_is_read_is_read_again_whole(small_corpus, tmp_path, monkeypatch):
+    # `wordlm eval RUN` while RUN trains: training may swap a new best/ in between reading meta.json and
+    # model.pt. The reader must come back with one copy (the new one, whole), not the old meta.json with the new
+    # weights (which it used to, silently), and not a "missing" or "corrupt" error.
+    import wordlm.checkpoint as ckpt_module
+
+    train(tiny_config(small_corpus, max_steps=3), tmp_path / "run")
+    old = load_checkpoint(tmp_path / "run")
+    new_state = {k: v + 1.0 if v.is_floating_point() else v for k, v in old.model_state.items()}
+    real = ckpt_module._load_tensors
+    swaps = []
+
+    def swap_then_load(f):
+        if not swaps:  # training writes the next best/ just as the reader gets to the weights
+            swaps.append(save_checkpoint(tmp_path / "run" / "best", model_state=new_state, config=old.config,
+                                         tokenizer=old.tokenizer, info={"step": 999}))
+        return real(f)
+
+    monkeypatch.setattr(ckpt_module, "_load_tensors", swap_then_load)
+    got = load_checkpoint(tmp_path / "run")
+    assert swaps and got.meta["step"] == 999
+    assert all(torch.equal(got.model_state[k], new_state[k]) for k in new_state)
+
+    def vanish_then_load(f):  # the read meets the swap's gap: best/ renamed away, its files gone
+        if len(swaps) == 1:
+            swaps.append(save_checkpoint(tmp_path / "run" / "best", model_state=old.model_state,
+                                         config=old.config, tokenizer=old.tokenizer, info={"step": 1000}))
+            raise FileNotFoundError(2, "No such file or directory", str(f))
+        return real(f)
+
+    monkeypatch.setattr(ckpt_module, "_load_tensors", vanish_then_load)
+    got = load_checkpoint(tmp_path / "run")
+    assert got.meta["step"] == 1000 and all(torch.equal(got.model_state[k], old.model_state[k])
+                                            for k in old.model_state)
+
+
 class _Payload:
     def __init__(self, path):
         self.path = path

@@ -156,10 +156,40 @@ def _read_json(f: Path) -> Any:
         raise CheckpointError(f"{f} is corrupt (not valid JSON)") from None
 
 
+def _stamp(d: Path) -> tuple[int, int] | None:
+    """What identifies the copy of a checkpoint at `d`: its meta.json's inode and time (None when not there)."""
+    try:
+        st = (d / "meta.json").stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def load_checkpoint(path: str | Path, prefer: str = "best", train_state: bool = False,
                     verify: bool = True) -> Checkpoint:
-    """Load a checkpoint (see find_checkpoint); tensors stay on the CPU."""
-    d = find_checkpoint(path, prefer)
+    """Load a checkpoint (see find_checkpoint); tensors stay on the CPU.
+
+    Training swaps a new copy in under the same name while others may read it (`wordlm eval RUN` of a run in
+    progress): a read that the swap overtook (its files gone, or the copy changed under it) is done again on the
+    new copy, rather than failing as damaged or, worse, mixing the old meta.json with the new weights."""
+    for attempt in range(3):
+        d = find_checkpoint(path, prefer)
+        before = _stamp(d)
+        try:
+            ck = _read_checkpoint(d, train_state, verify)
+        except (CheckpointError, OSError):
+            if attempt < 2 and _stamp(d) != before:
+                time.sleep(0.05)
+                continue
+            raise
+        if _stamp(d) == before:
+            return ck
+        time.sleep(0.05)
+    raise CheckpointError(f"{d} was replaced each time it was read; try again (is a training process writing it "
+                          f"very often? see train.save_every and train.eval_every)")
+
+
+def _read_checkpoint(d: Path, train_state: bool, verify: bool) -> Checkpoint:
     meta = _read_json(d / "meta.json")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
