@@ -21,11 +21,13 @@
 #           dropout, lr 40, batch 96 and 48) is in docs/RESULTS.md;
 #   awdbatch: the AWD model's step time at batch 20, 40 and 80 (AWD_BATCHES), with the recipe's graphs and
 #           precision (benchmarks/gpu.py --batch-sweep, about 20 s). It suggests the smallest batch with at
-#           least 0.7 of batch 80's tokens/s; AWD_BATCH=auto makes the awd part in the same call train at it
-#           (AWD_BATCH=N: at N). Recorded on an H100: 8.83, 11.63 and 16.24 ms a step, so it kept 80;
-#   awd:    configs/ptb-awd-gpu-asgd.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT: constant lr
-#           30, NT-ASGD averaging from 70% of it at the latest; on an H100 in 521 s: test 64.09, and 59.40 with
-#           the dyn part's dynamic evaluation in a second call, docs/RESULTS.md),
+#           least 0.6 of batch 80's tokens/s; AWD_BATCH=auto makes the awd part in the same call train at it
+#           (AWD_BATCH=N: at N). Recorded on an H100: 8.83, 11.63 and 16.24 ms a step (batch 40: 0.70 of
+#           batch 80's tokens/s, so 40);
+#   awd:    configs/ptb-awd-gpu-asgd.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT: batch 40,
+#           constant lr 30, NT-ASGD averaging from 70% of it at the latest; on an H200 in 507 s: test 61.25,
+#           and 56.93 with dynamic evaluation, 50 s, in a second call; at batch 80 on an H100 in 521 s: 64.09
+#           and 59.40, docs/RESULTS.md),
 #           not in the default parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe;
 #           AWD_CONFIG=configs/ptb-awd-gpu.toml runs the cosine recipe without averaging (overfit on an H100:
 #           test 68.34, docs/RESULTS.md) and AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32),
