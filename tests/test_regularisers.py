@@ -70,6 +70,7 @@ def test_weight_drop_keeps_the_parameters_and_warns_nothing():
     assert (params["layers.0.weight_hh_l0"].grad == 0).float().mean() > 0.3
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")  # torch's, on a CPU
 def test_projection_and_tying():
     m = LSTMLanguageModel(40, ModelConfig(embedding_size=8, hidden_size=16, num_layers=2, proj_size=8,
                                           tie_weights=True))
