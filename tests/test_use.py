@@ -322,6 +322,7 @@ def test_exported_model_matches_without_wordlm(demo_run, lm, tmp_path):
     torch.testing.assert_close(exported, original, atol=1e-5, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")  # torch's, on a CPU
 @pytest.mark.parametrize("shape", [{"proj_size": 4}, {"last_hidden_size": 4}], ids=["proj", "narrow-last"])
 def test_a_model_with_a_narrower_output_exports_too(small_corpus, tmp_path, shape):
     from wordlm.generate import read_context
