@@ -306,3 +306,25 @@ def test_dynamic_evaluation_on_cudnn_reads_like_pytorch_s_own_kernels(layered):
         native, _ = dynamic_total_nll(m, streams, 10, lr=1e-3, decay=1e-3, ms=ms)
     assert n == 399 and cudnn == pytest.approx(native, rel=1e-4)
     assert not any(mod.training for mod in m.modules())
+
+
+def test_fp32_evaluation_is_ieee_fp32_in_cudnn_s_lstm():
+    """Inside fp32_math(tf32=False), as every wordlm evaluation is, cuDNN's LSTM reads a float64 reference to
+    fp32's accuracy. With TF32 allowed (train.tf32, PyTorch's default) an Ampere or later GPU rounds the products'
+    inputs to a 10-bit mantissa; both errors are printed (pytest -s) for the record."""
+    import copy
+
+    from wordlm.evaluate import fp32_math
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(650, 650, 2)  # the paper's medium model's LSTM, at its batch and window
+    x = torch.randn(35, 20, 650)
+    errors = {}
+    with torch.no_grad():
+        reference = copy.deepcopy(lstm).double()(x.double())[0]
+        gpu, xg = lstm.cuda(), x.cuda()
+        for tf32 in (False, True):
+            with fp32_math(torch.device("cuda"), tf32=tf32):
+                errors[tf32] = (gpu(xg)[0].double().cpu() - reference).abs().max().item()
+    print(f"largest output error against float64: IEEE {errors[False]:.2e}, TF32 allowed {errors[True]:.2e}")
+    assert errors[False] < 1e-5

@@ -106,6 +106,9 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
     precision: str = _opt("fp32", "fp32 or bf16 autocast (on a CPU, bf16 needs AVX-512 or Arm bf16)",
                           choices=("fp32", "bf16"))
+    tf32: bool = _opt(True, "fp32 training on a CUDA GPU (Ampere or later): let cuDNN's LSTM use TF32 tensor "
+                      "cores (PyTorch's default; the products' inputs rounded to a 10-bit mantissa); false: IEEE "
+                      "fp32 throughout, as the papers' GPUs computed. Evaluation is always IEEE fp32 in fp32")
     num_threads: int = _opt(0, "CPU threads for torch (0 = torch's default)", min=0)
     compile: bool = _opt(False, "torch.compile the training step's forward (costs ~20 s at start; measured +15% "
                          "tokens/s on the CPU bench model)")

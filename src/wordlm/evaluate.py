@@ -21,6 +21,34 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def fp32_math(device: torch.device, tf32: bool):
+    """How fp32 products are computed on a CUDA GPU (Ampere or later) inside the block; the settings before it
+    come back after it. tf32=False: IEEE fp32 throughout, as the papers' GPUs computed. tf32=True: cuDNN, which
+    runs nn.LSTM, may use TF32 tensor cores (the products' inputs rounded to a 10-bit mantissa, sums in fp32),
+    and cuBLAS's matmuls follow torch.set_float32_matmul_precision: PyTorch's own defaults, which leave TF32 on
+    in cuDNN and off in cuBLAS. On a CPU nothing changes. (PyTorch's older flags are used, which every version
+    in wordlm's range has; if a program has set them through both the old and the new API, PyTorch refuses to
+    read them, and they are left as they are.)"""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    try:
+        before = cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    except RuntimeError:  # PyTorch's "mix of the legacy and new APIs" refusal
+        yield
+        return
+    cudnn.allow_tf32 = tf32
+    if not tf32:
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
+
+
 @functools.cache
 def _runs_bf16_lstm(device: str) -> bool:
     """Whether an LSTM step runs under bf16 autocast on `device` ("cpu", "cuda", "cuda:1"). PyTorch hands a CPU
@@ -74,14 +102,15 @@ def total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int = 70,
               precision: str = "fp32") -> tuple[float, int]:
     """Summed negative log-likelihood (nats) over every target of `streams`, and the number of targets.
 
-    The state is never reset: each stream is read from start to end as one context.
+    The state is never reset: each stream is read from start to end as one context. In fp32 the products are
+    IEEE fp32 on a GPU too (`fp32_math`), whatever the training used.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     state = model.init_state(streams.batch_size)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    with autocast(device, precision):
+    with autocast(device, precision), fp32_math(device, tf32=False):
         for row in range(0, streams.rows - 1, seq_len):
             x, y = streams.window(row, seq_len)
             nll, state = model.nll(x, y, state)
@@ -144,7 +173,7 @@ def gradient_ms(model: LSTMLanguageModel, streams: Streams, seq_len: int, window
     model.eval()
     state = model.init_state(streams.batch_size)
     n = 0
-    with _lstm_backward_ready(model):
+    with _lstm_backward_ready(model), fp32_math(next(model.parameters()).device, tf32=False):
         for row in range(0, streams.rows - 1, seq_len):
             if n == windows:
                 break
@@ -169,7 +198,8 @@ def dynamic_total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int, 
     each weight's gradient scale pulls it back to the trained value. mean(rms) is over every weight; that code
     divides by the sum, over weight tensors, of each tensor's mean instead, so a lambda taken from it decays
     more here, by about the number of weight tensors.
-    The model's weights are restored afterwards. With lr = 0 this is exactly static evaluation.
+    The model's weights are restored afterwards. With lr = 0 this is exactly static evaluation. IEEE fp32 on a
+    GPU too, as `total_nll`.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     theta0 = [p.detach().clone() for p in params]
@@ -183,7 +213,8 @@ def dynamic_total_nll(model: LSTMLanguageModel, streams: Streams, seq_len: int, 
     total = torch.zeros((), dtype=torch.float64, device=theta0[0].device)
     adapt = lr > 0  # with lr 0 the weights never leave theta0 (the decay pulls toward where they are)
     try:
-        with _lstm_backward_ready(model) if adapt else contextlib.nullcontext():  # lr 0: static evaluation's mode
+        with (_lstm_backward_ready(model) if adapt else contextlib.nullcontext(),  # lr 0: static evaluation's mode
+              fp32_math(theta0[0].device, tf32=False)):
             for row in range(0, streams.rows - 1, seq_len):
                 x, y = streams.window(row, seq_len)
                 with torch.set_grad_enabled(adapt):

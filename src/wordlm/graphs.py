@@ -10,7 +10,7 @@ import functools
 import torch
 
 from .data import Streams
-from .evaluate import autocast
+from .evaluate import autocast, fp32_math
 
 
 class CudaGraphs:
@@ -74,6 +74,11 @@ class RecordedEvaluation:
     @torch.no_grad()
     def total_nll(self, model, streams: Streams, seq_len: int, precision: str,
                   before_recording=lambda: None) -> tuple[float, int]:
+        with fp32_math(next(model.parameters()).device, tf32=False):  # as evaluate.total_nll: recorded so too
+            return self._total_nll(model, streams, seq_len, precision, before_recording)
+
+    def _total_nll(self, model, streams: Streams, seq_len: int, precision: str,
+                   before_recording) -> tuple[float, int]:
         if (model, streams.batch_size, precision) != self.key:  # recordings are for one model, batch, precision
             self.key, self.model, self.seen, self.windows = (model, streams.batch_size, precision), model, set(), {}
             self.state = model.init_state(streams.batch_size)

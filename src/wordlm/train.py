@@ -41,7 +41,7 @@ from .errors import (
     RunLockedError,
     TrainingInterrupted,
 )
-from .evaluate import autocast, bf16_refusal, bf16_supported, total_nll
+from .evaluate import autocast, bf16_refusal, bf16_supported, fp32_math, total_nll
 from .graphs import CudaGraphs, NotRecordable, RecordedEvaluation
 from .model import build_model, detach_state, num_parameters, resolve_device
 from .tokenizer import Tokenizer, fit_tokenizer
@@ -382,7 +382,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
                           f"--out") from None
     finished, lock = False, RunLock(out) if dist.main else None
     try:
-        with lock or contextlib.nullcontext(), _StopFlag() as stop:
+        with lock or contextlib.nullcontext(), _StopFlag() as stop, fp32_math(device, tc.tf32):
             result = _prepare_and_run(cfg, out, device, dist, ckpt, stop, overwrite, progress)
         finished = True
         return result
