@@ -120,3 +120,29 @@ def test_gpu_session_dyn_part_evaluates_an_earlier_run_dynamically(demo_run, tmp
     log = (out / "session.log").read_text()
     assert "| PyTorch's own (cuDNN off) |" in log, log
     assert '"dynamic": {"lr": 0.0001, "decay": 0.0' in log, log
+
+
+def test_tf32_rounding_of_the_probe():
+    # TF32 keeps 10 of fp32's 23 mantissa bits: 1 + 2**-11 is half a TF32 step above 1
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from tf32_probe import to_tf32
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    x = torch.tensor([1.0, 1 + 2**-11, -(1 + 2**-11), 1 + 2**-10, 3 * 2**-20, 1 + 2**-11 - 2**-23])
+    assert to_tf32(x, nearest=True).tolist() == [1.0, 1 + 2**-10, -(1 + 2**-10), 1 + 2**-10, 3 * 2**-20, 1.0]
+    assert to_tf32(x, nearest=False).tolist() == [1.0, 1.0, -1.0, 1 + 2**-10, 3 * 2**-20, 1.0]
+
+
+def test_tf32_probe_emulates_the_lstm_that_wordlm_evaluates(demo_run):
+    import json
+
+    out = run([sys.executable, "benchmarks/tf32_probe.py", str(demo_run), "--data",
+               str(ROOT / "data" / "tiny" / "test.txt")])
+    assert out.count("\n| ") == 6, out  # the table: its header, its rule and four rows
+    ppl = json.loads(out.splitlines()[-1])["ppl"]
+    assert ppl["ieee"] == pytest.approx(ppl["wordlm"], rel=1e-5)  # the step-by-step LSTM computes nn.LSTM's
+    for key in ("tf32_nearest", "tf32_truncated"):  # rounded inputs: close to it, not equal
+        assert ppl[key] == pytest.approx(ppl["wordlm"], rel=1e-2) and ppl[key] != ppl["ieee"], out
