@@ -108,7 +108,7 @@ class TrainConfig:
                           choices=("fp32", "bf16"))
     tf32: bool = _opt(True, "fp32 training on a CUDA GPU (Ampere or later): let cuDNN's LSTM use TF32 tensor "
                       "cores (PyTorch's default; the products' inputs rounded to a 10-bit mantissa); false: IEEE "
-                      "fp32 throughout, as the papers' GPUs computed. Evaluation is always IEEE fp32 in fp32")
+                      "fp32 throughout, as the papers' GPUs computed. wordlm eval and validation are IEEE fp32 in fp32")
     num_threads: int = _opt(0, "CPU threads for torch (0 = torch's default)", min=0)
     compile: bool = _opt(False, "torch.compile the training step's forward (costs ~20 s at start; measured +15% "
                          "tokens/s on the CPU bench model)")
