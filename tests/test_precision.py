@@ -7,6 +7,7 @@ on a GPU (tests/test_gpu.py).
 """
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -24,39 +25,45 @@ from conftest import tiny_config
 CUDA = torch.device("cuda")  # only named: fp32_math sets flags and starts nothing on the device
 
 
+CUDNN = [("cuda", "conv"), ("cuda", "rnn")]  # where PyTorch keeps cuDNN's TF32 flags (its newer API reads them)
+
+
 @pytest.fixture
 def flags():
-    """PyTorch's TF32 flags as a test leaves them: put back as they were."""
-    before = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    """PyTorch's cuDNN TF32 flags as a test leaves them: put back as they were."""
+    before = [torch._C._get_fp32_precision_getter(*k) for k in CUDNN]
     yield
-    torch.backends.cudnn.allow_tf32 = before[0]
-    torch.set_float32_matmul_precision(before[1])
+    for k, v in zip(CUDNN, before, strict=True):
+        torch._C._set_fp32_precision_setter(*k, v)
 
 
-def now():
-    return torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+def test_fp32_math_sets_cudnn_s_tf32_flag_and_puts_it_back(flags):
+    cudnn = torch.backends.cudnn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of PyTorch's own warnings about these flags comes out either
+        for outside in (True, False):
+            cudnn.allow_tf32 = outside
+            for tf32 in (False, True):
+                with fp32_math(CUDA, tf32=tf32):
+                    assert cudnn.allow_tf32 is tf32
+                    assert torch.get_float32_matmul_precision() == "highest"  # matmuls: left alone, IEEE
+                assert cudnn.allow_tf32 is outside
+        with pytest.raises(KeyError), fp32_math(CUDA, tf32=True):
+            raise KeyError  # an error inside the block puts it back too
+        assert cudnn.allow_tf32 is False
 
 
-def test_fp32_math_sets_pytorch_s_tf32_flags_and_puts_them_back(flags):
-    torch.backends.cudnn.allow_tf32 = True
-    torch.set_float32_matmul_precision("high")  # a program that chose TF32 matmuls for itself
-    with fp32_math(CUDA, tf32=False):
-        assert now() == (False, "highest")  # IEEE in cuDNN and in cuBLAS
-    assert now() == (True, "high")
-    torch.backends.cudnn.allow_tf32 = False
-    with fp32_math(CUDA, tf32=True):
-        assert now() == (True, "high")  # cuDNN may; the matmuls keep the program's own choice
-    assert now() == (False, "high")
-    with pytest.raises(KeyError), fp32_math(CUDA, tf32=True):
-        raise KeyError  # an error inside the block puts them back too
-    assert now() == (False, "high")
-
-
-def test_fp32_math_leaves_the_flags_alone_on_a_cpu(flags):
+def test_fp32_math_leaves_the_flags_alone_on_a_cpu_and_where_pytorch_cannot_read_them(flags):
     torch.backends.cudnn.allow_tf32 = True
     for tf32 in (False, True):
         with fp32_math(torch.device("cpu"), tf32=tf32):
-            assert now() == (True, "highest")
+            assert torch.backends.cudnn.allow_tf32 is True
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"  # set through the newer API, conv through the older:
+    with pytest.raises(RuntimeError, match="mix"):  # PyTorch refuses to read the older flag now
+        _ = torch.backends.cudnn.allow_tf32
+    with fp32_math(CUDA, tf32=True):  # so it is left as it is, and nothing fails
+        assert torch.backends.cudnn.rnn.fp32_precision == "ieee"
+    assert [torch._C._get_fp32_precision_getter(*k) for k in CUDNN] == ["tf32", "ieee"]
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -23,30 +24,34 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
 
 @contextlib.contextmanager
 def fp32_math(device: torch.device, tf32: bool):
-    """How fp32 products are computed on a CUDA GPU (Ampere or later) inside the block; the settings before it
-    come back after it. tf32=False: IEEE fp32 throughout, as the papers' GPUs computed. tf32=True: cuDNN, which
-    runs nn.LSTM, may use TF32 tensor cores (the products' inputs rounded to a 10-bit mantissa, sums in fp32),
-    and cuBLAS's matmuls follow torch.set_float32_matmul_precision: PyTorch's own defaults, which leave TF32 on
-    in cuDNN and off in cuBLAS. On a CPU nothing changes. (PyTorch's older flags are used, which every version
-    in wordlm's range has; if a program has set them through both the old and the new API, PyTorch refuses to
-    read them, and they are left as they are.)"""
+    """Whether cuDNN, which runs nn.LSTM, may use TF32 tensor cores for fp32 on a CUDA GPU (Ampere or later)
+    inside the block: the inputs of its products rounded to a 10-bit mantissa, the sums kept in fp32. PyTorch
+    allows it by default; tf32=False computes in IEEE fp32, as the papers' GPUs did. The setting before the block
+    comes back after it. Matmuls (the decoder) follow torch.set_float32_matmul_precision, IEEE by default, which
+    wordlm leaves alone. On a CPU nothing changes.
+
+    PyTorch's older flag is used, which every version in wordlm's range has (PyTorch 2.9 to 2.11 warn once that
+    it will be deprecated; that warning is kept out of wordlm's output). Where a program has set the flags
+    through both the older and the newer API, PyTorch refuses to read them, and they are left as they are."""
     if device.type != "cuda":
         yield
         return
     cudnn = torch.backends.cudnn
-    try:
-        before = cudnn.allow_tf32, torch.get_float32_matmul_precision()
-    except RuntimeError:  # PyTorch's "mix of the legacy and new APIs" refusal
-        yield
-        return
-    cudnn.allow_tf32 = tf32
-    if not tf32:
-        torch.set_float32_matmul_precision("highest")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            before = cudnn.allow_tf32
+        except RuntimeError:  # PyTorch's "mix of the legacy and new APIs" refusal
+            before = None
+        else:
+            cudnn.allow_tf32 = tf32
     try:
         yield
     finally:
-        cudnn.allow_tf32 = before[0]
-        torch.set_float32_matmul_precision(before[1])
+        if before is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                cudnn.allow_tf32 = before
 
 
 @functools.cache
