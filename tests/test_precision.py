@@ -23,8 +23,6 @@ from wordlm.train import train
 from conftest import tiny_config
 
 CUDA = torch.device("cuda")  # only named: fp32_math sets flags and starts nothing on the device
-
-
 CUDNN = [("cuda", "conv"), ("cuda", "rnn")]  # where PyTorch keeps cuDNN's TF32 flags (its newer API reads them)
 
 
