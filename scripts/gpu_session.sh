@@ -4,6 +4,8 @@
 #           step, CUDA-graph steps equal to eager ones (also one recording per window length, as variable BPTT
 #           needs, and the AWD recipe recorded); the training runs below use train.cuda_graphs only if
 #           the CUDA-graph tests pass (GRAPHS=true or false forces it);
+#   ieee:   the GPU test that wordlm's fp32 evaluation is IEEE fp32 in cuDNN's LSTM, which prints a 2x650 LSTM's
+#           largest output error against float64 with and without TF32 (part of tests too; about 10 s alone);
 #   bench:  benchmarks/gpu.py: wordlm's training loop (eager and with cuda_graphs) against a raw nn.LSTM step,
 #           batch 20 fp32 and batch 128 bf16, each cell the median of 2 turns (with PROFILE=N, also a profile
 #           of N steps of the raw step and of wordlm's loop);
@@ -105,10 +107,15 @@ say "machine"
   python3 -c "import torch, typer, tqdm, sentencepiece; print('torch', torch.__version__, torch.version.cuda,
 torch.cuda.get_device_name(), 'cudnn', torch.backends.cudnn.version())"; } 2>&1 | tee -a "$LOG"
 
+if part tests || part ieee; then  # the one test whose printed line is a figure: cuDNN's LSTM, IEEE against TF32
+    say "GPU test: fp32 evaluation is IEEE in cuDNN's LSTM"
+    timeout 100 python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider -k ieee 2>&1 \
+        | grep -e "largest output error" -e passed -e skipped -e failed -e rror | tee -a "$LOG"
+fi
 if part tests; then
     say "GPU tests"
-    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k "not cuda_graphs" 2>&1 \
-        | tail -n 15 | tee -a "$LOG"
+    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k "not cuda_graphs and not ieee" \
+        2>&1 | tail -n 15 | tee -a "$LOG"
     say "GPU tests: cuda_graphs"
     result=$(timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k cuda_graphs 2>&1 \
         | tail -n 40)

@@ -146,3 +146,12 @@ def test_tf32_probe_emulates_the_lstm_that_wordlm_evaluates(demo_run):
     assert ppl["ieee"] == pytest.approx(ppl["wordlm"], rel=1e-5)  # the step-by-step LSTM computes nn.LSTM's
     for key in ("tf32_nearest", "tf32_truncated"):  # rounded inputs: close to it, not equal
         assert ppl[key] == pytest.approx(ppl["wordlm"], rel=1e-2) and ppl[key] != ppl["ieee"], out
+
+
+def test_gpu_session_ieee_part_runs_its_test(tmp_path):
+    # On the CPU the GPU test is skipped; the log must still show that it ran and how it ended
+    out = tmp_path / "out"
+    run(["bash", "scripts/gpu_session.sh"], PARTS="ieee", GRAPHS="false", DATA=str(ROOT / "data" / "tiny"),
+        OUT=str(out), RUNS=str(tmp_path / "runs"), LIMIT="60")
+    log = (out / "session.log").read_text()
+    assert "GPU test: fp32 evaluation is IEEE in cuDNN's LSTM" in log and "1 skipped" in log, log
