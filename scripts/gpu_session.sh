@@ -5,7 +5,7 @@
 #           needs, and the AWD recipe recorded); the training runs below use train.cuda_graphs only if
 #           the CUDA-graph tests pass (GRAPHS=true or false forces it);
 #   ieee:   the GPU test that wordlm's fp32 evaluation is IEEE fp32 in cuDNN's LSTM, which prints a 2x650 LSTM's
-#           largest output error against float64 with and without TF32 (part of tests too; about 10 s alone);
+#           largest output error against float64 with and without TF32 (part of tests too; not yet timed on a GPU);
 #   bench:  benchmarks/gpu.py: wordlm's training loop (eager and with cuda_graphs) against a raw nn.LSTM step,
 #           batch 20 fp32 and batch 128 bf16, each cell the median of 2 turns (with PROFILE=N, also a profile
 #           of N steps of the raw step and of wordlm's loop);
