@@ -32,7 +32,7 @@
 #           constant lr 30, NT-ASGD averaging from 70% of it at the latest; on an H200 in 507 s: test 61.25,
 #           and 56.93 with dynamic evaluation, 50 s, in a second call; at batch 80 on an H100 in 521 s: 64.09
 #           and 59.40, docs/RESULTS.md; not yet tried: AWD_BATCH=20, the next attempt at 60 without dynamic
-#           evaluation),
+#           evaluation, which a CPU proxy favours in the same GPU time: docs/RESULTS.md, NT-ASGD section),
 #           not in the default parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe;
 #           AWD_CONFIG=configs/ptb-awd-gpu.toml runs the cosine recipe without averaging (overfit on an H100:
 #           test 68.34, docs/RESULTS.md) and AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32),
