@@ -183,7 +183,8 @@ def suggest_batch(rows: list[dict], keep: float = 0.6) -> int:
     """The batch for a time-budgeted run: the smallest one that keeps at least `keep` of the largest batch's
     tokens/s. Why 0.6: the AWD recipe at batch 40, with 0.70 of batch 80's tokens/s on an H100, read test 61.25
     in 507 s where batch 80 read 64.09 in 521 s (docs/RESULTS.md); its rule was then 0.7, and batch 40's 0.698
-    missed it. Batch 20 (0.46 on the H100) is not measured in a budget, so the rule still leaves it out."""
+    missed it. Batch 20 (0.46 of batch 80's tokens/s on an H100 and on an H200), which the rule leaves out, read
+    test 63.00 in a 519 s budget on an H200, worse than batch 40."""
     top = max(rows, key=lambda r: r["batch"])
     ok = [r["batch"] for r in rows if r["tokens_per_s"] >= keep * top["tokens_per_s"]]
     return min(ok)

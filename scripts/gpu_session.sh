@@ -5,7 +5,8 @@
 #           needs, and the AWD recipe recorded); the training runs below use train.cuda_graphs only if
 #           the CUDA-graph tests pass (GRAPHS=true or false forces it);
 #   ieee:   the GPU test that wordlm's fp32 evaluation is IEEE fp32 in cuDNN's LSTM, which prints a 2x650 LSTM's
-#           largest output error against float64 with and without TF32 (part of tests too; not yet timed on a GPU);
+#           largest output error against float64 with and without TF32 (part of tests too; 7 s on an H200:
+#           1.11e-07 in IEEE fp32, 7.27e-05 with TF32);
 #   bench:  benchmarks/gpu.py: wordlm's training loop (eager and with cuda_graphs) against a raw nn.LSTM step,
 #           batch 20 fp32 and batch 128 bf16, each cell the median of 2 turns (with PROFILE=N, also a profile
 #           of N steps of the raw step and of wordlm's loop);
@@ -15,9 +16,9 @@
 #           with GRAPHS=true: test 83.06 and 83.27 at two seeds, its LSTM in TF32 as PyTorch allows by default;
 #           not yet tried: EXTRA="--set train.tf32=false", the recipe in IEEE fp32);
 #   fast:   issue #3's "validation 79.4 in under 60 s": configs/ptb-medium-gpu-60s.toml with the seeds in SEEDS
-#           (default 1111 2 3), each with its test pass (seed 1111 on an H200, 2 and 3 on an H100 met it: 79.4
-#           passed at 44.0, 44.9 and 45.1 s, test 73.77, 74.11, 73.76, docs/RESULTS.md); not in the default
-#           parts (about 85 s a seed; a call of its own: GRAPHS=true PARTS=fast LIMIT=280)
+#           (default 1111 2 3), each with its test pass (seeds 1111 and 4 on an H200, 2 and 3 on an H100 met
+#           it: 79.4 passed at 44.0, 43.5, 44.9 and 45.1 s, test 73.77, 73.44, 74.11, 73.76, docs/RESULTS.md);
+#           not in the default parts (about 85 s a seed; a call of its own: GRAPHS=true PARTS=fast LIMIT=280)
 #   sweep:  variants of SWEEP_CONFIG (default configs/ptb-medium-gpu-60s.toml; SWEEP="set set;set ...", default:
 #           lr 50, less dropout between the layers and on the output, batch 96, weight drop 0.2, AR/TAR at half
 #           strength; none tried yet) in 58 s budgets, validation only: which reaches valid 79.4 soonest; as
@@ -26,13 +27,14 @@
 #   awdbatch: the AWD model's step time at batch 20, 40 and 80 (AWD_BATCHES), with the recipe's graphs and
 #           precision (benchmarks/gpu.py --batch-sweep, about 20 s). It suggests the smallest batch with at
 #           least 0.6 of batch 80's tokens/s; AWD_BATCH=auto makes the awd part in the same call train at it
-#           (AWD_BATCH=N: at N). Recorded on an H100: 8.83, 11.63 and 16.24 ms a step (batch 40: 0.70 of
-#           batch 80's tokens/s, so 40);
+#           (AWD_BATCH=N: at N). Recorded: 8.83, 11.63 and 16.24 ms a step on an H100, 8.73, 11.65 and 15.91
+#           on an H200 (batch 40: 0.70 and 0.68 of batch 80's tokens/s, so 40 on both);
 #   awd:    configs/ptb-awd-gpu-asgd.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT: batch 40,
 #           constant lr 30, NT-ASGD averaging from 70% of it at the latest; on an H200 in 507 s: test 61.25,
 #           and 56.93 with dynamic evaluation, 50 s, in a second call; at batch 80 on an H100 in 521 s: 64.09
-#           and 59.40, docs/RESULTS.md; not yet tried: AWD_BATCH=20, the next attempt at 60 without dynamic
-#           evaluation, which a CPU proxy favours in the same GPU time: docs/RESULTS.md, NT-ASGD section),
+#           and 59.40, docs/RESULTS.md; with AWD_BATCH=20 on an H200 in 519 s: 63.00 and 57.46, worse than
+#           batch 40, though a CPU proxy had favoured it; not yet tried: batch 40 with the average held back,
+#           AWD_SETS="--set train.nonmono=N"),
 #           not in the default parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe;
 #           AWD_CONFIG=configs/ptb-awd-gpu.toml runs the cosine recipe without averaging (overfit on an H100:
 #           test 68.34, docs/RESULTS.md) and AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32),

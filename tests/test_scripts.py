@@ -98,6 +98,7 @@ def test_suggested_batch_is_the_smallest_keeping_60_percent_of_the_throughput():
     assert suggest_batch(rows(290, 390, 400)) == 20
     assert suggest_batch(rows(239, 241, 400)) == 40  # 0.5975 misses, 0.6025 makes it
     assert suggest_batch(rows(158_488, 240_716, 344_869)) == 40  # the H100's sweep of the AWD model
+    assert suggest_batch(rows(160_336, 240_343, 351_982)) == 40  # the H200's (batch 20 there: test 63.00 > 61.25)
 
 
 def test_dynamic_benchmark_times_both_kernels_and_reads_one_perplexity(demo_run):
