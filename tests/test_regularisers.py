@@ -176,6 +176,24 @@ def test_average_after_starts_mid_run_with_the_awd_recipe(small_corpus, tmp_path
     assert result.best_valid_ppl < 18  # as without averaging (15.1)
 
 
+def test_when_the_average_starts_does_not_change_the_raw_iterates(small_corpus, tmp_path):
+    # Starting the average builds a second model; its initialisation must not draw from the training RNG, or
+    # every dropout mask after the switch would depend on when averaging began, and two runs that differ only
+    # in their averaging start could not be compared iterate for iterate.
+    from wordlm.checkpoint import load_checkpoint
+
+    raw = {}
+    for after in (0.25, 0.75):
+        cfg = awd_like_config(small_corpus, optimizer="ntasgd", average_after=after, nonmono=50,
+                              schedule="constant", eval_every=0, max_steps=16)
+        train(cfg, tmp_path / str(after))
+        last = load_checkpoint(tmp_path / str(after), prefer="last", train_state=True)
+        raw[after] = last.train_state["raw_model"]
+        assert last.train_state["n_averaged"] == 16 - int(16 * after) + 1
+    for name, value in raw[0.25].items():
+        assert torch.equal(value, raw[0.75][name]), name
+
+
 def test_the_run_fraction_follows_steps_or_the_time_budget():
     from types import SimpleNamespace
 

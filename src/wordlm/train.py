@@ -653,7 +653,10 @@ class _Loop:
     def _start_averaging(self) -> None:
         # AveragedModel deep-copies the module it is given. Mid-run the live model holds the last forward's
         # tensors (the AR/TAR term), which cannot be deep-copied, so it is given a fresh model with the weights.
-        fresh = build_model(self.cfg.model, self.tokenizer.vocab_size, self.device)
+        # Its initialisation draws on a forked RNG: the dropout masks that follow, and so the raw iterates, are
+        # the same whenever averaging starts (runs that differ only in their start compare iterate for iterate).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            fresh = build_model(self.cfg.model, self.tokenizer.vocab_size, self.device)
         fresh.load_state_dict(self.model.state_dict())
         self.averaged = torch.optim.swa_utils.AveragedModel(fresh, use_buffers=True)
         self.n_averaged = 0
@@ -801,16 +804,7 @@ class _Loop:
                 self.row += x.shape[0]
                 self.tokens += x.numel() * self.dist.world
                 self.steps_since_record += 1
-                if self.averaged is None and tc.average_after:
-                    due = self._run_fraction() >= tc.average_after
-                    if self.dist.world > 1:  # each rank's clock differs: all start at the same step, or their
-                        due = self.step % tc.log_every == 0 and self.dist.any(due)  # validations would differ
-                    if due:
-                        self._start_averaging()  # the budget's trigger: this step's weights are first in the mean
-                        self.metrics.write({"event": "averaging", "step": self.step, "epoch": self._epoch_float(),
-                                            "trigger": f"train.average_after = {tc.average_after:g}"})
-                if self.averaged is not None:
-                    self._update_average()  # a skipped step leaves the weights as they were
+                self._average_step()
                 bar.update(1)
                 if self.step % tc.log_every == 0:
                     good = self._read_nonfinite()  # the log-interval host sync
@@ -870,6 +864,21 @@ class _Loop:
                      v.replays, v.recordings)
         return TrainResult(self.out, self.step, self._epoch_float(), self.tokens, self.best, _ppl(self.best),
                            self.elapsed, stop_reason, num_parameters(model), model, peak_memory_mb(self.device))
+
+    def _average_step(self) -> None:
+        """After each optimizer step: start the NT-ASGD average once train.average_after of the run has passed
+        (the budget's trigger; the validation trigger is in `validate`), and add the step's weights to it."""
+        tc = self.tc
+        if self.averaged is None and tc.average_after:
+            due = self._run_fraction() >= tc.average_after
+            if self.dist.world > 1:  # each rank's clock differs: all start at the same step, or their
+                due = self.step % tc.log_every == 0 and self.dist.any(due)  # validations would differ
+            if due:
+                self._start_averaging()  # this step's weights are the first in the mean
+                self.metrics.write({"event": "averaging", "step": self.step, "epoch": self._epoch_float(),
+                                    "trigger": f"train.average_after = {tc.average_after:g}"})
+        if self.averaged is not None:
+            self._update_average()  # a skipped step leaves the weights as they were
 
     def _update_average(self) -> None:
         """Add the current weights to the NT-ASGD running mean: avg += (w - avg) / (n + 1), the update
