@@ -39,6 +39,12 @@
 #           AWD_CONFIG=configs/ptb-awd-gpu.toml runs the cosine recipe without averaging (overfit on an H100:
 #           test 68.34, docs/RESULTS.md) and AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32),
 #           stopped by the same budget.
+#   starts: the AWD recipe once (AWD_CONFIG, AWD_SETS as for awd) with scripts/average_starts.py: beside the
+#           run's own average (STARTS_OWN, default from 0.6 of the run with the validation trigger off) one average
+#           from each fraction in STARTS (default 0.4,0.5,0.7,0.8,0.9), all of the same iterates; each read on valid
+#           and the STARTS_TEST_TOP (default 3) best of them on test at batch 1 in fp32, a table in the log
+#           (STARTS_EVAL s, default 120, are kept for those passes); RUNS/starts/avg-F/ are checkpoints for the dyn part (DYN_RUN=RUNS/starts/avg-F). Not yet run
+#           on a GPU: it replaces the awd part's single guess at when to start (not in the default parts);
 #   dyn:    dynamic evaluation of a run trained by an earlier call on the same warm machine (DYN_RUN, default
 #           RUNS/awd-gpu: give RUNS a folder inside the repo, such as runs/gpu, which the device keeps between
 #           calls): benchmarks/dynamic.py (cuDNN's LSTM kernels against PyTorch's own, on the first 4,000 valid
@@ -130,6 +136,8 @@ if part tests; then
 fi
 GRAPHS=${GRAPHS:-false}
 say "training runs use train.cuda_graphs=$GRAPHS"
+# the starts part's own average: from 0.6 of the run, the validation trigger off (its starts add the others)
+STARTS_OWN=${STARTS_OWN:-"--set train.nonmono=1000 --set train.average_after=0.6"}
 
 if part bench; then
     say "benchmark"
@@ -186,6 +194,23 @@ if part awdbatch; then  # the AWD model's ms per step at batch 20/40/80: how man
     timeout 150 python3 benchmarks/gpu.py --data "$DATA" --config "${AWD_CONFIG:-configs/ptb-awd-gpu-asgd.toml}" \
         --batch-sweep "${AWD_BATCHES:-20,40,80}" --steps 120 --set "train.cuda_graphs=$GRAPHS" ${BENCH_SETS:-} 2>&1 \
         | grep -e '^|' -e '^#' -e '^(' -e '^suggested' | tee -a "$LOG" | tee "$OUT/awdbatch.txt"
+fi
+if part starts; then  # the AWD recipe once, with averages from several starts: which start is best, in one call
+    left=$(( LIMIT - ($(date +%s) - T0) - ${STARTS_EVAL:-120} ))
+    [ "$left" -lt 540 ] || left=540
+    if [ "$left" -lt 30 ]; then
+        say "no time left for the averaging starts ($left s)"
+    else
+        say "train starts (${AWD_CONFIG:-configs/ptb-awd-gpu-asgd.toml}, averages from ${STARTS:-0.4,0.5,0.7,0.8,0.9}; \
+the run's own: $STARTS_OWN)"
+        timeout $(( left + ${STARTS_EVAL:-120} - 5 )) python3 scripts/average_starts.py \
+            --config "${AWD_CONFIG:-configs/ptb-awd-gpu-asgd.toml}" --out "$RUNS/starts" --overwrite \
+            --starts "${STARTS:-0.4,0.5,0.7,0.8,0.9}" --test --test-top "${STARTS_TEST_TOP:-3}" "${splits[@]}" ${EXTRA:-} \
+            --set "train.time_budget_s=$left" --set "train.cuda_graphs=$GRAPHS" $STARTS_OWN ${AWD_SETS:-} 2>&1 \
+            | grep -e '^|' -e '^#' -e '^test: ' -e 'rror' | tee -a "$LOG"
+        cp "$RUNS/starts/metrics.jsonl" "$OUT/metrics-starts.jsonl" 2>/dev/null
+        cp "$RUNS/starts/average_starts.json" "$OUT/" 2>/dev/null
+    fi
 fi
 if part awd; then  # the config's 540 s budget, or what is left of LIMIT
     dyn=0

@@ -83,6 +83,30 @@ def test_gpu_session_awd_part_trains_the_averaging_recipe(tmp_path):
     assert '"raw_valid_ppl"' in recs
 
 
+def test_gpu_session_starts_part_reads_each_averaging_start(tmp_path):
+    # The AWD recipe once with scripts/average_starts.py (30 steps of a tiny model here, not a time budget, so the
+    # starts do not depend on the machine's speed): a table row for the run's own average (from 0.6, the trigger
+    # off), the last iterate and each of STARTS, each with its validation figure and the 3 best with their test one.
+    out = tmp_path / "out"
+    run(["bash", "scripts/gpu_session.sh"], PARTS="starts", GRAPHS="false", DATA=str(ROOT / "data" / "tiny"),
+        OUT=str(out), RUNS=str(tmp_path / "runs"), LIMIT="120", STARTS="0.3,0.8", STARTS_EVAL="60",
+        AWD_SETS="--set train.time_budget_s=0 --set train.max_steps=30",
+        EXTRA=" ".join(["--set train.device=cpu", *AWD_SMALL, "--set train.batch_size=4"]))
+    log = (out / "session.log").read_text()
+    assert "averages from 0.3,0.8; the run's own: --set train.nonmono=1000 --set train.average_after=0.6" in log
+    table = log[log.rindex("| average |"):].splitlines()[2:6]  # the closing table, after each figure's own line
+    assert [r.split(" | ")[0] for r in table] == ["| the run's own (best/)", "| none: the last iterate (raw/)",
+                                                  "| from 0.3 (avg-0.3/)", "| from 0.8 (avg-0.8/)"], log
+    assert [r.split(" | ")[1:3] for r in table] == [["18", "13"], ["-", "1"], ["9", "22"], ["24", "7"]], log
+    assert all(r.split(" | ")[3] != "-" for r in table), log
+    tested = [r for r in table if not r.endswith("| - |")]  # STARTS_TEST_TOP=3 of the 4: the best on validation
+    assert len(tested) == 3 and log.count("\ntest: ") == 3, log
+    worst = max(table, key=lambda r: float(r.split(" | ")[3]))
+    assert worst.endswith("| - |"), log
+    assert '"trigger": "train.average_after = 0.6"' in (out / "metrics-starts.jsonl").read_text()
+    assert (out / "average_starts.json").exists()
+
+
 def test_suggested_batch_is_the_smallest_keeping_60_percent_of_the_throughput():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -156,3 +180,40 @@ def test_gpu_session_ieee_part_runs_its_test(tmp_path):
         OUT=str(out), RUNS=str(tmp_path / "runs"), LIMIT="60")
     log = (out / "session.log").read_text()
     assert "GPU test: fp32 evaluation is IEEE in cuDNN's LSTM" in log and "1 skipped" in log, log
+
+
+def test_average_starts_keeps_the_averages_that_average_after_would_make(tmp_path):
+    # One run with extra averages from 0.25 and 0.5 of it, its own average from 0.5: the extra average from 0.5
+    # must be the run's own, bit for bit (the same rule, the same trajectory), and the one from 0.25 another.
+    import importlib.util
+    import json
+
+    import torch
+
+    from wordlm.checkpoint import load_checkpoint
+
+    spec = importlib.util.spec_from_file_location("average_starts", ROOT / "scripts" / "average_starts.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "run"
+    sets = ["model.hidden_size=16", "model.embedding_size=16", "model.dropout=0.3", "train.optimizer=ntasgd",
+            "train.lr=5", "train.schedule=constant", "train.average_after=0.5", "train.nonmono=1000",
+            "train.epochs=0", "train.max_steps=40", "train.eval_every=20"]
+    argv = ["--config", str(ROOT / "configs" / "demo.toml"), "--out", str(out), "--starts", "0.5,0.25", "--test"]
+    assert script.main([*argv, *(a for s in sets for a in ("--set", s))]) == 0
+    summary = json.loads((out / "average_starts.json").read_text())
+    rows = {r["average"].split(" (")[0]: r for r in summary["rows"]}
+    assert [rows["from 0.25"]["from_step"], rows["from 0.5"]["from_step"]] == [10, 20]
+    assert [rows["from 0.25"]["iterates"], rows["from 0.5"]["iterates"]] == [31, 21]
+    assert all("valid_ppl" in r and "test_ppl" in r for r in summary["rows"])
+    last = load_checkpoint(out / "last", train_state=True)
+    half = load_checkpoint(out / "avg-0.5").model_state
+    quarter = load_checkpoint(out / "avg-0.25").model_state
+    raw = load_checkpoint(out / "raw").model_state
+    for name, value in last.model_state.items():
+        assert torch.equal(half[name], value), name
+        assert torch.equal(raw[name], last.train_state["raw_model"][name]), name
+    assert not torch.equal(quarter["decoder.weight"], half["decoder.weight"])
+    assert rows["from 0.5"]["valid_ppl"] == rows["the run's own"]["valid_ppl"]
+    assert script.main([*argv, "--starts", "0.5,1.5"]) == 2  # a fraction outside [0, 1): refused
+    assert script.main([*argv, "--test-top", "-1"]) == 2
