@@ -34,7 +34,8 @@
 #           and 56.93 with dynamic evaluation, 50 s, in a second call; at batch 80 on an H100 in 521 s: 64.09
 #           and 59.40, docs/RESULTS.md; with AWD_BATCH=20 on an H200 in 519 s: 63.00 and 57.46, worse than
 #           batch 40, though a CPU proxy had favoured it; not yet tried: batch 40 with the average held back,
-#           AWD_SETS="--set train.nonmono=1000 --set train.average_after=0.6", docs/RESULTS.md),
+#           AWD_SETS="--set train.nonmono=1000 --set train.average_after=0.6", which the starts part below
+#           measures together with other starts, docs/RESULTS.md),
 #           not in the default parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe;
 #           AWD_CONFIG=configs/ptb-awd-gpu.toml runs the cosine recipe without averaging (overfit on an H100:
 #           test 68.34, docs/RESULTS.md) and AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32),
