@@ -44,8 +44,9 @@
 #           run's own average (STARTS_OWN, default from 0.6 of the run with the validation trigger off) one average
 #           from each fraction in STARTS (default 0.4,0.5,0.7,0.8,0.9), all of the same iterates; each read on valid
 #           and the STARTS_TEST_TOP (default 3) best of them on test at batch 1 in fp32, a table in the log
-#           (STARTS_EVAL s, default 120, are kept for those passes); RUNS/starts/avg-F/ are checkpoints for the dyn part (DYN_RUN=RUNS/starts/avg-F). Not yet run
-#           on a GPU: it replaces the awd part's single guess at when to start (not in the default parts);
+#           (STARTS_EVAL s, default 120, are kept for those passes); RUNS/starts/avg-F/ are checkpoints for the
+#           dyn part (DYN_RUN=RUNS/starts/avg-F). Not yet run on a GPU: it replaces the awd part's single guess
+#           at when to start (not in the default parts; docs/RESULTS.md, "When to start the average");
 #   dyn:    dynamic evaluation of a run trained by an earlier call on the same warm machine (DYN_RUN, default
 #           RUNS/awd-gpu: give RUNS a folder inside the repo, such as runs/gpu, which the device keeps between
 #           calls): benchmarks/dynamic.py (cuDNN's LSTM kernels against PyTorch's own, on the first 4,000 valid
