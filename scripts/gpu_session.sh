@@ -40,10 +40,11 @@
 #           test 68.34, docs/RESULTS.md) and AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32),
 #           stopped by the same budget.
 #   starts: the AWD recipe once (AWD_CONFIG, AWD_SETS as for awd) with scripts/average_starts.py: beside the
-#           run's own average (STARTS_OWN, default from 0.6 of the run with the validation trigger off) one average
-#           from each fraction in STARTS (default 0.4,0.5,0.7,0.8,0.9), all of the same iterates; each read on valid
-#           and the STARTS_TEST_TOP (default 3) best of them on test at batch 1 in fp32, a table in the log
-#           (STARTS_EVAL s, default 120, are kept for those passes); RUNS/starts/avg-F/ are checkpoints for the
+#           run's own average (STARTS_OWN="--set ...", default the config's: from 0.7, the validation trigger off)
+#           one average from each fraction in STARTS (default 0.5,0.6,0.8,0.9), all of the same iterates; each
+#           read on valid, and on test at batch 1 in fp32 (STARTS_TEST_TOP=N: only the N best on valid; default
+#           all), a table in the log (STARTS_EVAL s, default 45, are kept for those passes, a few seconds each
+#           on a GPU); RUNS/starts/avg-F/ are checkpoints for the
 #           dyn part (DYN_RUN=RUNS/starts/avg-F). On an H200 (STARTS_EVAL=70 STARTS_TEST_TOP=3 LIMIT=578: 502 s
 #           of training, 138 epochs, the evaluations 12 s): valid 64.68 to 64.06, best from 0.7 (test 60.86),
 #           0.8 and 0.6 within 0.12 of it on both; each extra average running cost about 1% of the tokens/s (not
@@ -139,8 +140,8 @@ if part tests; then
 fi
 GRAPHS=${GRAPHS:-false}
 say "training runs use train.cuda_graphs=$GRAPHS"
-# the starts part's own average: from 0.6 of the run, the validation trigger off (its starts add the others)
-STARTS_OWN=${STARTS_OWN:-"--set train.nonmono=1000 --set train.average_after=0.6"}
+# the starts part's own average: the config's unless STARTS_OWN sets another (its starts add the others)
+STARTS_OWN=${STARTS_OWN:-}
 
 if part bench; then
     say "benchmark"
@@ -199,16 +200,17 @@ if part awdbatch; then  # the AWD model's ms per step at batch 20/40/80: how man
         | grep -e '^|' -e '^#' -e '^(' -e '^suggested' | tee -a "$LOG" | tee "$OUT/awdbatch.txt"
 fi
 if part starts; then  # the AWD recipe once, with averages from several starts: which start is best, in one call
-    left=$(( LIMIT - ($(date +%s) - T0) - ${STARTS_EVAL:-120} ))
+    left=$(( LIMIT - ($(date +%s) - T0) - ${STARTS_EVAL:-45} ))
     [ "$left" -lt 540 ] || left=540
     if [ "$left" -lt 30 ]; then
         say "no time left for the averaging starts ($left s)"
     else
-        say "train starts (${AWD_CONFIG:-configs/ptb-awd-gpu-asgd.toml}, averages from ${STARTS:-0.4,0.5,0.7,0.8,0.9}; \
-the run's own: $STARTS_OWN)"
-        timeout $(( left + ${STARTS_EVAL:-120} - 5 )) python3 scripts/average_starts.py \
+        own=${STARTS_OWN:-"the config's"}
+        say "train starts (${AWD_CONFIG:-configs/ptb-awd-gpu-asgd.toml}, averages from ${STARTS:-0.5,0.6,0.8,0.9}; \
+the run's own: $own)"
+        timeout $(( left + ${STARTS_EVAL:-45} - 5 )) python3 scripts/average_starts.py \
             --config "${AWD_CONFIG:-configs/ptb-awd-gpu-asgd.toml}" --out "$RUNS/starts" --overwrite \
-            --starts "${STARTS:-0.4,0.5,0.7,0.8,0.9}" --test --test-top "${STARTS_TEST_TOP:-3}" "${splits[@]}" ${EXTRA:-} \
+            --starts "${STARTS:-0.5,0.6,0.8,0.9}" --test --test-top "${STARTS_TEST_TOP:-0}" "${splits[@]}" ${EXTRA:-} \
             --set "train.time_budget_s=$left" --set "train.cuda_graphs=$GRAPHS" $STARTS_OWN ${AWD_SETS:-} 2>&1 \
             | grep -e '^|' -e '^#' -e '^test: ' -e 'rror' | tee -a "$LOG"
         cp "$RUNS/starts/metrics.jsonl" "$OUT/metrics-starts.jsonl" 2>/dev/null

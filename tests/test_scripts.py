@@ -85,25 +85,26 @@ def test_gpu_session_awd_part_trains_the_averaging_recipe(tmp_path):
 
 def test_gpu_session_starts_part_reads_each_averaging_start(tmp_path):
     # The AWD recipe once with scripts/average_starts.py (30 steps of a tiny model here, not a time budget, so the
-    # starts do not depend on the machine's speed): a table row for the run's own average (from 0.6, the trigger
-    # off), the last iterate and each of STARTS, each with its validation figure and the 3 best with their test one.
+    # starts do not depend on the machine's speed): a table row for the run's own average (the config's: from 0.7,
+    # the trigger off), the last iterate and each of STARTS, each with its validation figure, and with
+    # STARTS_TEST_TOP=3 the 3 best with their test one.
     out = tmp_path / "out"
     run(["bash", "scripts/gpu_session.sh"], PARTS="starts", GRAPHS="false", DATA=str(ROOT / "data" / "tiny"),
-        OUT=str(out), RUNS=str(tmp_path / "runs"), LIMIT="120", STARTS="0.3,0.8", STARTS_EVAL="60",
+        OUT=str(out), RUNS=str(tmp_path / "runs"), LIMIT="120", STARTS="0.3,0.8", STARTS_EVAL="60", STARTS_TEST_TOP="3",
         AWD_SETS="--set train.time_budget_s=0 --set train.max_steps=30",
         EXTRA=" ".join(["--set train.device=cpu", *AWD_SMALL, "--set train.batch_size=4"]))
     log = (out / "session.log").read_text()
-    assert "averages from 0.3,0.8; the run's own: --set train.nonmono=1000 --set train.average_after=0.6" in log
+    assert "averages from 0.3,0.8; the run's own: the config's" in log
     table = log[log.rindex("| average |"):].splitlines()[2:6]  # the closing table, after each figure's own line
     assert [r.split(" | ")[0] for r in table] == ["| the run's own (best/)", "| none: the last iterate (raw/)",
                                                   "| from 0.3 (avg-0.3/)", "| from 0.8 (avg-0.8/)"], log
-    assert [r.split(" | ")[1:3] for r in table] == [["18", "13"], ["-", "1"], ["9", "22"], ["24", "7"]], log
+    assert [r.split(" | ")[1:3] for r in table] == [["21", "10"], ["-", "1"], ["9", "22"], ["24", "7"]], log
     assert all(r.split(" | ")[3] != "-" for r in table), log
     tested = [r for r in table if not r.endswith("| - |")]  # STARTS_TEST_TOP=3 of the 4: the best on validation
     assert len(tested) == 3 and log.count("\ntest: ") == 3, log
     worst = max(table, key=lambda r: float(r.split(" | ")[3]))
     assert worst.endswith("| - |"), log
-    assert '"trigger": "train.average_after = 0.6"' in (out / "metrics-starts.jsonl").read_text()
+    assert '"trigger": "train.average_after = 0.7"' in (out / "metrics-starts.jsonl").read_text()
     assert (out / "average_starts.json").exists()
 
 
