@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from wordlm.data import Streams, encode_file, iter_lines
 from wordlm.errors import ConfigError, DataError
@@ -15,7 +16,7 @@ def test_stream_layout_on_a_hand_made_sequence():
     assert y.tolist() == [[1, 7, 13, 19], [2, 8, 14, 20]]
     x, y = s.window(4, 2)  # the last window is shorter
     assert x.tolist() == [[4, 10, 16, 22]] and y.tolist() == [[5, 11, 17, 23]]
-    assert x.dtype == y.dtype == __import__("torch").int64
+    assert x.dtype == y.dtype == torch.int64
 
 
 def test_windows_cover_every_target_once():
@@ -26,6 +27,52 @@ def test_windows_cover_every_target_once():
         seen += y.flatten().tolist()
     assert sorted(seen) == sorted(set(range(100)) - {0, 20, 40, 60, 80})
     assert len(seen) == s.targets
+
+
+def _device_path(s):
+    """The device's way of reading windows (a grid tensor, rotated whole), taken on the CPU."""
+    s._grid_t = s._unrotated_t = torch.from_numpy(s._grid.astype(np.int32))
+    return s
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_rotated_streams_read_each_stream_from_its_shift_round_to_its_start(path):
+    # ids 0..23 in 4 streams of 6 (the diagram in data.Streams); stream 0 from its token 2, stream 2 from 5,
+    # stream 3 from 7 = 1 (mod 6), stream 1 as it was.
+    s = Streams(np.arange(24, dtype=np.uint16), batch_size=4)
+    s = _device_path(s) if path == "device" else s
+    s.rotate(np.array([2, 0, 5, 7]))
+    x, y = s.window(0, 5)  # the whole epoch in one window
+    assert x.t().tolist() == [[2, 3, 4, 5, 0], [6, 7, 8, 9, 10], [17, 12, 13, 14, 15], [19, 20, 21, 22, 23]]
+    assert y.t().tolist() == [[3, 4, 5, 0, 1], [7, 8, 9, 10, 11], [12, 13, 14, 15, 16], [20, 21, 22, 23, 18]]
+    x2, y2 = s.window(3, 2)  # a window past the seam reads the same tokens as the whole one did there
+    assert torch.equal(x2, x[3:5]) and torch.equal(y2, y[3:5]) and x2.dtype == y2.dtype == x.dtype
+    s.rotate(None)  # back to the plain layout
+    assert s.window(0, 2)[0].tolist() == [[0, 6, 12, 18], [1, 7, 13, 19]]
+    s.rotate(np.zeros(4))
+    assert s.shifts is None and s.window(4, 2)[1].tolist() == [[5, 11, 17, 23]]
+    with pytest.raises(ValueError, match="one shift per stream: 4 expected"):
+        s.rotate(np.array([1, 2]))
+
+
+def test_a_rotated_epoch_reads_every_stream_whole_and_the_two_paths_agree():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50_000, 1003).astype(np.uint32)
+    host, device = Streams(ids, batch_size=7), _device_path(Streams(ids, batch_size=7))
+    shifts = rng.integers(0, host.rows, 7)
+    host.rotate(shifts)
+    device.rotate(shifts)
+    xs, ys = [], []
+    for row in range(0, host.rows - 1, 9):
+        (x, y), (xd, yd) = host.window(row, 9), device.window(row, 9)
+        assert torch.equal(x, xd) and torch.equal(y, yd)
+        xs.append(x)
+        ys.append(y)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert torch.equal(x[1:], y[:-1])  # each stream one unbroken read, window after window
+    grid = ids[: 7 * host.rows].reshape(7, host.rows)
+    for b in range(7):  # stream b's text, rotated: all of it once, the seam between its last and first token
+        assert np.concatenate([x[:, b].numpy(), y[-1:, b].numpy()]).tolist() == np.roll(grid[b], -shifts[b]).tolist()
 
 
 def test_too_short_for_the_batch():

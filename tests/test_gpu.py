@@ -25,6 +25,23 @@ def test_weight_drop_uses_cudnn_without_the_contiguous_chunk_warning(last):
     assert torch.backends.cudnn.enabled and all(p.grad is not None for p in m.parameters())
 
 
+def test_rotated_streams_on_the_gpu_read_as_on_the_host():
+    # train.partial_shuffle on a GPU rotates the grid on the device once an epoch; windows must match the host's.
+    import numpy as np
+
+    from wordlm.data import Streams
+
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 30_000, 5_003).astype(np.uint16)
+    host, gpu = Streams(ids, 6), Streams(ids, 6, "cuda")
+    for shifts in (rng.integers(0, host.rows, 6), None, rng.integers(0, host.rows, 6)):
+        host.rotate(shifts)
+        gpu.rotate(shifts)
+        for row in range(0, host.rows - 1, 37):
+            for a, b in zip(host.window(row, 37), gpu.window(row, 37), strict=True):
+                assert b.is_cuda and torch.equal(a, b.cpu())
+
+
 def test_training_on_the_gpu(small_corpus, tmp_path):
     from wordlm.train import train
 

@@ -223,7 +223,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path,
     cfg.model.dropout = 0.3  # dropout draws random numbers: the RNG state must be restored too
     train(cfg, tmp_path / "straight")
 
-    stopped = train_until_sigint(monkeypatch, cfg, tmp_path / "cut", 17)  # mid epoch 2 (12 windows an epoch)
+    stopped = train_until_sigint(monkeypatch, cfg, tmp_path / "cut", 17)  # mid epoch 1 (75 windows an epoch)
     assert re.search(r"stopped by SIGINT at step 17.*--resume", stopped), stopped
     assert load_checkpoint(tmp_path / "cut", prefer="last").meta["step"] == 17
     train(cfg, tmp_path / "cut", resume=True)
@@ -235,6 +235,46 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path,
     assert records(tmp_path / "cut") == records(tmp_path / "straight")  # every logged loss, same values
     assert [r["valid_loss"] for r in records(tmp_path / "cut", "valid")] == \
         [r["valid_loss"] for r in records(tmp_path / "straight", "valid")]
+
+
+def _epoch_starts(monkeypatch, cfg, out):
+    """Train `cfg` into `out` and return the first input window of each epoch."""
+    from wordlm.data import Streams
+
+    firsts, window = [], Streams.window
+
+    def spy(self, row, seq_len):
+        x, y = window(self, row, seq_len)
+        if self.batch_size == cfg.train.batch_size and row == 0:
+            firsts.append(x.clone())
+        return x, y
+
+    monkeypatch.setattr(Streams, "window", spy)
+    try:
+        train(cfg, out)
+    finally:
+        monkeypatch.setattr(Streams, "window", window)
+    return firsts
+
+
+def test_partial_shuffle_starts_each_epoch_elsewhere_and_resumes_exactly(small_corpus, tmp_path, monkeypatch):
+    plain = _epoch_starts(monkeypatch, tiny_config(small_corpus, epochs=3), tmp_path / "plain")
+    assert len(plain) == 3 and all(torch.equal(x, plain[0]) for x in plain)  # off: every epoch reads alike
+    cfg = tiny_config(small_corpus, epochs=3, eval_every=7, partial_shuffle=True)
+    cfg.model.dropout = 0.3
+    shuffled = _epoch_starts(monkeypatch, cfg, tmp_path / "straight")
+    assert len(shuffled) == 3  # and each epoch starts anew:
+    assert not any(torch.equal(a, b) for a, b in zip(shuffled, shuffled[1:] + plain[:1], strict=True))
+    again = _epoch_starts(monkeypatch, cfg, tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(again, shuffled, strict=True))  # the seed decides the offsets
+
+    stopped = train_until_sigint(monkeypatch, cfg, tmp_path / "cut", 100)  # mid epoch 2 (75 windows an epoch)
+    assert "stopped by SIGINT at step 100" in stopped
+    train(cfg, tmp_path / "cut", resume=True)  # epoch 2's offsets drawn again from the seed and the epoch
+    a = load_checkpoint(tmp_path / "straight", prefer="last").model_state
+    b = load_checkpoint(tmp_path / "cut", prefer="last").model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert records(tmp_path / "cut") == records(tmp_path / "straight")
 
 
 def markov_text(P, n_tokens, rng):

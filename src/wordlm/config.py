@@ -137,6 +137,9 @@ class TrainConfig:
     tar_beta: float = _opt(0.0, "temporal activation regularisation: beta * mean((h_t - h_{t-1})^2)", min=0.0)
     variable_bptt: bool = _opt(False, "draw each window's length around seq_len (AWD-LSTM), lr scaled by "
                                "length / seq_len")
+    partial_shuffle: bool = _opt(False, "rotate each training stream by a random offset every epoch (Press 2019): "
+                                 "the windows and their neighbours in a batch change, the text's order is kept "
+                                 "but for one seam a stream")
 
 
 SECTIONS: dict[str, type] = {

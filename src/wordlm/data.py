@@ -205,6 +205,30 @@ class Streams:
         self._grid_t = (torch.from_numpy(grid.astype(np.int32)).to(self.device)
                         if self.device.type != "cpu" else None)
         self._grid = grid
+        self._unrotated_t = self._grid_t
+        self.shifts: np.ndarray | None = None  # each stream's rotation (`rotate`); None: the layout above
+
+    def rotate(self, shifts: np.ndarray | None) -> None:
+        """Partial shuffling (Press 2019): stream b reads its own text from its token `shifts[b]` on, and after
+        its last token goes on from its first. Each stream keeps its text in order but for that one seam, and
+        the windows fall at other tokens, beside other streams' tokens, each time the shifts change (wordlm
+        draws new ones every epoch under train.partial_shuffle). None puts the streams back as they were."""
+        if shifts is not None:
+            shifts = np.asarray(shifts, dtype=np.int64) % self.rows
+            if shifts.shape != (self.batch_size,):
+                raise ValueError(f"one shift per stream: {self.batch_size} expected, {shifts.shape} given")
+            if not shifts.any():
+                shifts = None
+        self.shifts = shifts
+        if self._unrotated_t is not None:  # on a device: rotate the grid there once, so windows stay slices
+            if shifts is None:
+                self._grid_t = self._unrotated_t
+            else:
+                grid, rows = torch.empty_like(self._unrotated_t), self.rows
+                for b, k in enumerate(shifts.tolist()):  # two copies a stream, no index of the grid's size
+                    grid[b, : rows - k] = self._unrotated_t[b, k:]
+                    grid[b, rows - k:] = self._unrotated_t[b, :k]
+                self._grid_t = grid
 
     @property
     def targets(self) -> int:
@@ -219,6 +243,9 @@ class Streams:
         t = min(seq_len, self.rows - 1 - row)
         if self._grid_t is not None:
             w = self._grid_t[:, row: row + t + 1].t().long()  # (T+1, B)
+        elif self.shifts is not None:  # the CPU's rotated read: only this window's tokens are gathered
+            at = (np.arange(row, row + t + 1)[:, None] + self.shifts[None, :]) % self.rows  # (T+1, B)
+            w = torch.from_numpy(self._grid[np.arange(self.batch_size)[None, :], at].astype(np.int64))
         else:
             w = torch.from_numpy(np.ascontiguousarray(self._grid[:, row: row + t + 1].T).astype(np.int64))
         return w[:-1], w[1:]

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import arch_differences, find_checkpoint, load_checkpoint, save_checkpoint
@@ -768,6 +769,7 @@ class _Loop:
         stop_reason = "finished"
         if self.row == 0:
             self.schedule.start_epoch(self.epoch + 1)
+        self._shuffle_streams()  # the epoch's rotation, drawn again on a resume from its epoch number
         if self.graphs is not None:  # the graph reads the state from fixed buffers, refilled in place
             self.state = tuple(s.detach().clone() for s in self.state)
             self.lr_t = torch.zeros((), device=self.device)  # float32: what the fused CUDA kernels read
@@ -778,6 +780,7 @@ class _Loop:
                 if self.row >= self.train_streams.rows - 1:  # epoch boundary
                     self.epoch += 1
                     self.row = 0
+                    self._shuffle_streams()
                     self._set_state(model.init_state(tc.batch_size))
                     if tc.eval_every == 0 and (why := self._validate_then_stop()):
                         stop_reason = why
@@ -864,6 +867,14 @@ class _Loop:
                      v.replays, v.recordings)
         return TrainResult(self.out, self.step, self._epoch_float(), self.tokens, self.best, _ppl(self.best),
                            self.elapsed, stop_reason, num_parameters(model), model, peak_memory_mb(self.device))
+
+    def _shuffle_streams(self) -> None:
+        """train.partial_shuffle: each stream starts this epoch at its own random token. The offsets come from
+        the seed, the epoch and the rank alone, on a generator of their own: a resumed run draws the same ones,
+        and the other random streams (dropout masks, window lengths) are left as they were."""
+        if self.tc.partial_shuffle:
+            rng = np.random.default_rng([self.tc.seed, self.epoch, self.dist.rank])
+            self.train_streams.rotate(rng.integers(0, self.train_streams.rows, self.tc.batch_size))
 
     def _average_step(self) -> None:
         """After each optimizer step: start the NT-ASGD average once train.average_after of the run has passed
