@@ -34,7 +34,8 @@
 #           an H200 in 507 s: test 61.25, and 56.93 with dynamic evaluation, 50 s, in a second call; at batch 80
 #           on an H100 in 521 s: 64.09 and 59.40, docs/RESULTS.md; with AWD_BATCH=20 on an H200 in 519 s: 63.00
 #           and 57.46, worse than batch 40, though a CPU proxy had favoured it; the config as it is now is the
-#           starts part's average from 0.7 below: 60.86 in 502 s on an H200),
+#           starts part's average from 0.7 below: 60.86 in 502 s on an H200; in its whole 540 s budget, by the
+#           starts part with STARTS=0.8 LIMIT=592: test 60.56, then 56.12 with dynamic evaluation in a second call),
 #           not in the default parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe;
 #           AWD_CONFIG=configs/ptb-awd-gpu.toml runs the cosine recipe without averaging (overfit on an H100:
 #           test 68.34, docs/RESULTS.md) and AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32),
