@@ -83,6 +83,7 @@ def _sync_warnings(cfg, out) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype feature")  # torch's, once a process
 def test_the_training_loop_makes_no_host_sync_per_step(small_corpus, tmp_path):
     # Only the setup, the log intervals, validation and checkpoints may sync: 60 more steps add none.
     torch.cuda.set_sync_debug_mode("warn")
