@@ -63,6 +63,9 @@ def test_average_after_is_a_fraction_for_nt_asgd():
     with pytest.raises(ConfigError, match='train.average_after averages the iterates of NT-ASGD, but '
                                           'train.optimizer is .sgd.: set train.optimizer = "ntasgd"'):
         Config.from_dict({"train": {"average_after": 0.5}})
+    with pytest.raises(ConfigError, match='train.average_lr is the lr while NT-ASGD averages, but '
+                       'train.optimizer is \'sgd\''):
+        Config.from_dict({"train": {"average_lr": 15.0}})
     with pytest.raises(ConfigError, match="train.average_after must be < 1.0"):
         Config.from_dict({"train": {"optimizer": "ntasgd", "average_after": 1.0}})
 

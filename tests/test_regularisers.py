@@ -163,6 +163,27 @@ def test_average_after_starts_the_average_at_its_fraction_of_the_run(small_corpu
     assert last.train_state["n_averaged"] == 20 - 10 + 1
 
 
+def test_average_lr_is_the_rate_once_the_average_starts_and_after_a_resume(small_corpus, tmp_path):
+    # train.average_lr: steps 1 to 10 at train.lr, every step after the switch (at step 10) at 0.25; a run
+    # resumed after the switch goes on at 0.25, and a run without it keeps train.lr throughout.
+    from dataclasses import replace
+
+    def lrs(run):
+        recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["lr"]) for r in recs if r["event"] == "train"]
+
+    kw = dict(optimizer="ntasgd", average_after=0.5, eval_every=4, max_steps=20, epochs=0, schedule="constant",
+              nonmono=50)
+    train(tiny_config(small_corpus, average_lr=0.25, **kw), tmp_path / "run")
+    assert lrs(tmp_path / "run") == [(s, 1.0 if s <= 10 else 0.25) for s in range(1, 21)]
+    cut = tiny_config(small_corpus, average_lr=0.25, **{**kw, "max_steps": 14})
+    train(cut, tmp_path / "cut")
+    train(replace(cut, train=replace(cut.train, max_steps=20)), tmp_path / "cut", resume=True)
+    assert lrs(tmp_path / "cut")[-6:] == [(s, 0.25) for s in range(15, 21)]
+    train(tiny_config(small_corpus, **kw), tmp_path / "plain")
+    assert {lr for _, lr in lrs(tmp_path / "plain")} == {1.0}
+
+
 def test_average_after_starts_mid_run_with_the_awd_recipe(small_corpus, tmp_path):
     # Between two training steps the model holds the last forward's AR/TAR term, which a deep copy of the live
     # model (what AveragedModel makes) cannot copy: the switch must work there, with every regulariser on.

@@ -133,6 +133,8 @@ class TrainConfig:
                                 "of train.time_budget_s) has passed, if validation has not started it sooner (0 = "
                                 "off): in a time budget the validation trigger can come late or never",
                                 min=0.0, max_excl=1.0)
+    average_lr: float = _opt(0.0, "ntasgd: the lr once the average has started (0 = the schedule's rate goes on, "
+                             "as in AWD-LSTM); variable BPTT scales it as it scales train.lr", min=0.0)
     ar_alpha: float = _opt(0.0, "activation regularisation: alpha * mean(dropped last-layer output^2)", min=0.0)
     tar_beta: float = _opt(0.0, "temporal activation regularisation: beta * mean((h_t - h_{t-1})^2)", min=0.0)
     variable_bptt: bool = _opt(False, "draw each window's length around seq_len (AWD-LSTM), lr scaled by "
@@ -318,6 +320,9 @@ def validate(cfg: Config) -> list[str]:
     if t.average_after and t.optimizer != "ntasgd":
         problems.append(f"train.average_after averages the iterates of NT-ASGD, but train.optimizer is "
                         f"{t.optimizer!r}: set train.optimizer = \"ntasgd\" or train.average_after = 0")
+    if t.average_lr and t.optimizer != "ntasgd":
+        problems.append(f"train.average_lr is the lr while NT-ASGD averages, but train.optimizer is "
+                        f"{t.optimizer!r}: set train.optimizer = \"ntasgd\" or train.average_lr = 0")
     if t.lr > 0 and t.min_lr > t.lr:  # a bad lr is reported once, above
         problems.append(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
     return problems

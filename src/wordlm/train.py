@@ -702,7 +702,7 @@ class _Loop:
         self.last_eval_step = self.step
         self.metrics.write({"event": "valid", "step": self.step, "epoch": self._epoch_float(),
                             "tokens": self.tokens, "valid_loss": loss, "valid_ppl": _ppl(loss),
-                            **raw, "best_valid_ppl": _ppl(self.best), "lr": self.schedule.at_step(self.step, started),
+                            **raw, "best_valid_ppl": _ppl(self.best), "lr": self._lr(self.step, started),
                             "elapsed_s": round(known, 3), "valid_s": round(known - started, 4)})
         if improved:
             self._save("best", loss)
@@ -723,7 +723,7 @@ class _Loop:
         self.best = nll / n
         self.metrics.write({"event": "valid", "step": 0, "epoch": 0.0, "tokens": 0, "valid_loss": self.best,
                             "valid_ppl": _ppl(self.best), "best_valid_ppl": _ppl(self.best), "start": True,
-                            "lr": self.schedule.at_step(0, started), "elapsed_s": round(self.elapsed, 3),
+                            "lr": self._lr(0, started), "elapsed_s": round(self.elapsed, 3),
                             "valid_s": round(self.elapsed - started, 4)})
         self._save("best", self.best)
 
@@ -794,7 +794,7 @@ class _Loop:
                     if out_of_time:
                         stop_reason = f"time budget: {tc.time_budget_s:g} s"
                         break
-                lr = self.schedule.at_step(self.step, self.elapsed)
+                lr = self._lr(self.step, self.elapsed)
                 seq_len = tc.seq_len
                 if tc.variable_bptt:  # AWD-LSTM: lengths vary so windows do not always start at the same tokens
                     base = tc.seq_len if random.random() < 0.95 else tc.seq_len / 2
@@ -904,6 +904,13 @@ class _Loop:
         self.averaged.n_averaged.add_(1)  # kept in step for anyone reading the AveragedModel itself
 
     # --- one step's device work ------------------------------------------------------------------------
+    def _lr(self, step: int, elapsed_s: float) -> float:
+        """The rate for `step` before variable BPTT scales it: the schedule's, or train.average_lr once NT-ASGD
+        averages (a resumed run that had switched averages from its first step, so it keeps the rate)."""
+        if self.tc.average_lr and self.averaged is not None:
+            return self.tc.average_lr
+        return self.schedule.at_step(step, elapsed_s)
+
     def _set_lr(self, lr: float) -> None:
         if self.graphs is not None:
             self.lr_t.fill_(lr)  # a tensor the recorded optimizer step reads
