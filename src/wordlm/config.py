@@ -134,8 +134,8 @@ class TrainConfig:
                                 "off): in a time budget the validation trigger can come late or never",
                                 min=0.0, max_excl=1.0)
     average_lr: float = _opt(0.0, "ntasgd: the lr once the average has started (0 = the schedule's rate goes on, "
-                             "as in AWD-LSTM); variable BPTT scales it as it scales train.lr (on a shrunk AWD model, 15 and 7.5 "
-                             "read worse than 30: docs/RESULTS.md)", min=0.0)
+                             "as in AWD-LSTM); variable BPTT scales it as it scales train.lr (on a shrunk AWD "
+                             "model, 15 and 7.5 read worse than 30: docs/RESULTS.md)", min=0.0)
     ar_alpha: float = _opt(0.0, "activation regularisation: alpha * mean(dropped last-layer output^2)", min=0.0)
     tar_beta: float = _opt(0.0, "temporal activation regularisation: beta * mean((h_t - h_{t-1})^2)", min=0.0)
     variable_bptt: bool = _opt(False, "draw each window's length around seq_len (AWD-LSTM), lr scaled by "
