@@ -81,6 +81,7 @@ DATA=$(realpath "${DATA:-../shared/data/ptb}")
 OUT=$(realpath -m "${OUT:-/tmp/gpu-out}")
 RUNS=${RUNS:-/tmp/wordlm-gpu-runs}
 LIMIT=${LIMIT:-575}   # seconds this script may take in all; the paper recipe gets what is left
+AWD_BUDGET=${AWD_BUDGET:-540}  # the awd and starts parts train for at most this, the config's budget by default
 DYN_LIMIT=${DYN_LIMIT:-150}  # with DYNAMIC=1: each test pass is followed by dynamic evaluation, for at most this
 mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 WORDLM_CACHE_DIR=${WORDLM_CACHE_DIR:-/tmp/wordlm-cache}
@@ -202,7 +203,7 @@ if part awdbatch; then  # the AWD model's ms per step at batch 20/40/80: how man
 fi
 if part starts; then  # the AWD recipe once, with averages from several starts: which start is best, in one call
     left=$(( LIMIT - ($(date +%s) - T0) - ${STARTS_EVAL:-45} ))
-    [ "$left" -lt 540 ] || left=540
+    [ "$left" -lt "$AWD_BUDGET" ] || left=$AWD_BUDGET
     if [ "$left" -lt 30 ]; then
         say "no time left for the averaging starts ($left s)"
     else
@@ -222,7 +223,7 @@ if part awd; then  # the config's 540 s budget, or what is left of LIMIT
     dyn=0
     [ -z "${DYNAMIC:-}" ] || dyn=$DYN_LIMIT
     left=$(( LIMIT - ($(date +%s) - T0) - 40 - dyn ))
-    [ "$left" -lt 540 ] || left=540
+    [ "$left" -lt "$AWD_BUDGET" ] || left=$AWD_BUDGET
     batch=()
     if [ "${AWD_BATCH:-}" = auto ]; then  # the awdbatch part's suggestion, from this call
         b=$(sed -n 's/^suggested batch: \([0-9]*\).*/\1/p' "$OUT/awdbatch.txt" 2>/dev/null)
