@@ -36,7 +36,9 @@
 #           and 57.46, worse than batch 40, though a CPU proxy had favoured it; the config as it is now is the
 #           starts part's average from 0.7 below: 60.86 in 502 s on an H200; in its whole 540 s budget, by the
 #           starts part with STARTS=0.8 LIMIT=592: test 60.56, then 56.12 with dynamic evaluation in a second call),
-#           not in the default parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe;
+#           not in the default parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe (every
+#           dropout and the weight drop at 0.8 of the recipe's, AWD_BUDGET=560 LIMIT=598: test 66.08, it overfits);
+#           AWD_BUDGET (default 540) caps the training budget of this part and of starts;
 #           AWD_CONFIG=configs/ptb-awd-gpu.toml runs the cosine recipe without averaging (overfit on an H100:
 #           test 68.34, docs/RESULTS.md) and AWD_CONFIG=configs/ptb-awd.toml the paper's (batch 20, fp32),
 #           stopped by the same budget.
