@@ -15,9 +15,10 @@ from conftest import tiny_config
 HERE = Path(__file__).resolve().parent
 
 
-def torchrun(*args) -> subprocess.CompletedProcess:
+def torchrun(*args, log_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           f"--log-dir={log_dir}", *map(str, args)]  # not a torchelastic_* folder in /tmp per test
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -27,7 +28,7 @@ def test_two_process_gloo_training_agrees_and_writes_one_checkpoint(small_corpus
     path = tmp_path / "tiny.toml"
     path.write_text(cfg.to_toml())
     out = tmp_path / "run"
-    proc = torchrun(HERE / "ddp_worker.py", path, out)
+    proc = torchrun(HERE / "ddp_worker.py", path, out, log_dir=tmp_path / "torchrun")
     assert proc.returncode == 0, proc.stderr[-3000:]
     check = json.loads((out / "ddp_check.json").read_text())
     assert check == {"world": 2, "same_weights": True, "steps": check["steps"], "tokens": check["tokens"]}
@@ -56,7 +57,7 @@ def test_two_processes_start_a_budgeted_average_together(small_corpus, tmp_path)
     path = tmp_path / "tiny.toml"
     path.write_text(cfg.to_toml())
     out = tmp_path / "run"
-    proc = torchrun(HERE / "ddp_worker.py", path, out)
+    proc = torchrun(HERE / "ddp_worker.py", path, out, log_dir=tmp_path / "torchrun")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "ddp_check.json").read_text())["same_weights"]
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -69,13 +70,16 @@ def test_nproc_flag_wraps_torchrun(small_corpus, tmp_path):
     cfg = tiny_config(small_corpus, max_steps=6)
     path = tmp_path / "tiny.toml"
     path.write_text(cfg.to_toml())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    temp = tmp_path / "temp"  # the launcher's temp dir: it must be as empty after the run as before
+    temp.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
     proc = subprocess.run([sys.executable, "-m", "wordlm", "train", "--config", str(path), "--out",
                            str(tmp_path / "run"), "--nproc", "2"], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished: 6 steps") == 1
     assert load_checkpoint(tmp_path / "run", prefer="last").meta["step"] == 6
+    assert sorted(p.name for p in temp.iterdir()) == []  # no torchelastic_* log folder left behind
 
 
 def test_bad_input_under_nproc_is_one_line_once(small_corpus, tmp_path):

@@ -263,9 +263,14 @@ def _torchrun(nproc: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    launch = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "wordlm", *args])
     code = 0
-    with tempfile.TemporaryDirectory(prefix="wordlm-ranks-") as errors:
+    with tempfile.TemporaryDirectory(prefix="wordlm-ranks-") as tmp:
+        errors, logs = os.path.join(tmp, "errors"), os.path.join(tmp, "torchrun")
+        os.mkdir(errors)
+        # torchrun's own log folder: left to itself it makes a torchelastic_* folder in the temp dir per run and
+        # never removes it; here it goes with the rest.
+        launch = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", f"--log-dir={logs}",
+                                               "-m", "wordlm", *args])
         os.environ[_RANK_ERRORS] = errors
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set, without its banner
         logging.disable(logging.CRITICAL)  # torchrun's own failure report: the ranks' lines below say what went wrong
