@@ -28,7 +28,8 @@
 #           precision (benchmarks/gpu.py --batch-sweep, about 20 s). It suggests the smallest batch with at
 #           least 0.6 of batch 80's tokens/s; AWD_BATCH=auto makes the awd part in the same call train at it
 #           (AWD_BATCH=N: at N). Recorded: 8.83, 11.63 and 16.24 ms a step on an H100, 8.73, 11.65 and 15.91
-#           on an H200 (batch 40: 0.70 and 0.68 of batch 80's tokens/s, so 40 on both);
+#           on an H200 (batch 40: 0.70 and 0.68 of batch 80's tokens/s, so 40 on both). BENCH_SETS="--set
+#           k=v ..." changes what is measured (a wider LSTM: BENCH_SETS="--set model.hidden_size=1350");
 #   awd:    configs/ptb-awd-gpu-asgd.toml (AWD-LSTM in a 540 s budget, or what is left of LIMIT: batch 40,
 #           constant lr 30, NT-ASGD averaging the last 30% of it; with the validation trigger it had before, on
 #           an H200 in 507 s: test 61.25, and 56.93 with dynamic evaluation, 50 s, in a second call; at batch 80
