@@ -35,9 +35,10 @@
 #           constant lr 30, NT-ASGD averaging the last 30% of it; with the validation trigger it had before, on
 #           an H200 in 507 s: test 61.25, and 56.93 with dynamic evaluation, 50 s, in a second call; at batch 80
 #           on an H100 in 521 s: 64.09 and 59.40, docs/RESULTS.md; with AWD_BATCH=20 on an H200 in 519 s: 63.00
-#           and 57.46, worse than batch 40, though a CPU proxy had favoured it; the config as it is now is the
-#           starts part's average from 0.7 below: 60.86 in 502 s on an H200; in its whole 540 s budget, by the
-#           starts part with STARTS=0.8 LIMIT=592: test 60.56, then 56.12 with dynamic evaluation in a second call;
+#           and 57.46, worse than batch 40, though a CPU proxy had favoured it; with the paper's regularisers (the
+#           config until 2026-11-28), the starts part's average from 0.7 below: 60.86 in 502 s on an H200; in its
+#           whole 540 s budget, by the starts part with STARTS=0.8 LIMIT=592: test 60.56, then 56.12 with
+#           dynamic evaluation in a second call;
 #           with every dropout and the weight drop at 1.1 of those, as the config now ships, AWD_BUDGET=560
 #           LIMIT=598: test 60.40 in 551 s, 55.98 with dynamic evaluation in a second call),
 #           not in the default parts: it fills a call. AWD_SETS="--set k=v ..." changes the recipe (every
