@@ -154,6 +154,7 @@ def test_resuming_with_another_number_of_processes_says_it_will_not_match(small_
     assert "resume: the run had 2 processes, now 1: each reads another share of the text" in one.stderr
     two = wordlm("--out", tmp_path / "run", "--resume", "--set", "train.max_steps=12", "--nproc", "2")
     assert two.stderr.count("resume: the run had 1 process, now 2: each reads another share") == 1  # rank 0's
+    assert two.stderr.count("resume: train.max_steps is 12 in the config and 8 in the checkpoint") == 1
     assert load_checkpoint(tmp_path / "run", prefer="last").meta["step"] == 12
 
 

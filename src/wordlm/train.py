@@ -334,7 +334,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
         if diffs:
             raise ConfigError([f"--resume with a changed architecture ({d}, config vs checkpoint); "
                                f"train into a new --out instead" for d in diffs])
-        _warn_train_changes(cfg, ckpt.config)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads the same config: one says it
+            _warn_train_changes(cfg, ckpt.config)
     if init_from is not None and ckpt is None:
         init = load_checkpoint(init_from)
         source = init.path.resolve()
